@@ -1,0 +1,827 @@
+"""Shared machinery for every script: data, forget splits, models, pruning, LoRA, training, metrics, checkpoints.
+
+Method scripts import this module and hold only what their method does to the model; nothing imports a
+method script. Run any script with --help, e.g.
+
+    python finetune.py --help
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import pickle
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import peft
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from sklearn.svm import SVC
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+from torchvision.models.resnet import Bottleneck, ResNet, resnet50
+from tqdm import tqdm
+
+NUM_CLASSES = 10
+IMAGE_SIZE = 32
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2471, 0.2435, 0.2616)
+CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+ARCHS = ("resnet50", "vit")
+PRESETS = ("full", "smoke")
+DEFAULT_FORGET_CLASS = 3
+WEIGHTS_DIR = Path("model_weights")
+RESULTS_DIR = Path("results")
+
+# The paper's unlearning recipe (Adam, cross-entropy, no augmentation).
+PAPER_RECIPE = {"epochs": 5, "lr": 1e-3, "batch_size": 128}
+# Training from scratch (pretrain.py, retrain.py): random crop + flip, label smoothing, one-cycle schedule.
+PRETRAIN_RECIPES = {
+    "resnet50": {"epochs": 60, "lr": 0.2, "batch_size": 512, "optimizer": "sgd", "weight_decay": 5e-4,
+                 "label_smoothing": 0.1, "warmup_fraction": 0.15},
+    "vit": {"epochs": 200, "lr": 1e-3, "batch_size": 512, "optimizer": "adamw", "weight_decay": 0.05,
+            "label_smoothing": 0.1, "warmup_fraction": 0.05},
+}
+# A tiny configuration that runs every script end to end on a CPU in seconds.
+SMOKE = {"train_per_class": 30, "test_per_class": 10, "epochs": 1, "pretrain_epochs": 3, "batch_size": 64}
+# LoRA defaults per arch: rank, alpha, dropout, target-module regex, modules trained in full.
+LORA_DEFAULTS = {
+    "resnet50": {"rank": 8, "alpha": 16, "dropout": 0.1, "targets": r"layer\d\.\d+\.conv[123]", "train_full": ["fc"]},
+    "vit": {"rank": 16, "alpha": 32, "dropout": 0.1, "targets": r"blocks\.{last}\.attn\.proj|head", "train_full": []},
+}
+PRUNE_AMOUNT = 0.5
+EVAL_BATCH_SIZE = 1024
+MIA_MAX_SAMPLES = 5000
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, exit status 1."""
+
+
+def cli(main, argv=None):
+    """Run main(argv), turning a UserError into a one-line message and a non-zero exit."""
+    try:
+        return main(argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports bad arguments in one line (exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def make_parser(doc):
+    """A parser whose description is the script's docstring."""
+    return OneLineParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+@dataclass
+class CIFAR10:
+    """Both splits as uint8 [N, 3, 32, 32] tensors and int64 labels, on the training device."""
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+
+def _read_batches(folder, names):
+    images, labels = [], []
+    for name in names:
+        with open(folder / name, "rb") as f:
+            batch = pickle.load(f, encoding="latin1")
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE))
+        labels.append(np.asarray(batch["labels"], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def _first_per_class(labels, k):
+    return torch.sort(torch.cat([torch.nonzero(labels == c).flatten()[:k] for c in range(NUM_CLASSES)])).values
+
+
+def load_cifar10(root, device, preset="full"):
+    """Read cifar-10-batches-py under root (downloading it with torchvision if absent) onto device.
+
+    The smoke preset keeps the first few images of each class."""
+    folder = Path(root) / "cifar-10-batches-py"
+    train_names = [f"data_batch_{i}" for i in range(1, 6)]
+    if not all((folder / name).is_file() for name in [*train_names, "test_batch"]):
+        try:
+            torchvision.datasets.CIFAR10(root, train=True, download=True)
+        except Exception as error:
+            raise UserError(f"CIFAR-10 not found under {folder} and the download failed ({type(error).__name__}); "
+                            f"download it from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it into {root}/, "
+                            f"or pass --data DIR") from None
+    train_images, train_labels = _read_batches(folder, train_names)
+    test_images, test_labels = _read_batches(folder, ["test_batch"])
+    if preset == "smoke":
+        keep_train = _first_per_class(train_labels, SMOKE["train_per_class"])
+        keep_test = _first_per_class(test_labels, SMOKE["test_per_class"])
+        train_images, train_labels = train_images[keep_train], train_labels[keep_train]
+        test_images, test_labels = test_images[keep_test], test_labels[keep_test]
+    device = torch.device(device)
+    return CIFAR10(train_images.to(device), train_labels.to(device), test_images.to(device), test_labels.to(device))
+
+
+def normalize(images):
+    """uint8 [B, 3, H, W] on any device -> normalised float, channels-last on GPU."""
+    mean = torch.tensor(CIFAR_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD, device=images.device).view(1, 3, 1, 1)
+    x = (images.float() / 255 - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
+def augment(x, generator, pad=4):
+    """Random crop (reflect padding) and horizontal flip of a normalised batch, on its device."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device, generator=generator)
+    rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    cropped = padded[batch, channel, rows, cols]
+    flip = torch.rand(n, device=x.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
+
+
+class Batches:
+    """Shuffled mini-batches of images[idx] drawn from a device-side permutation; no DataLoader.
+
+    Iterating yields (normalised images, labels); each pass draws a new permutation."""
+
+    def __init__(self, images, labels, idx, batch_size, seed=0, shuffle=True, augment=False):
+        self.images, self.labels, self.idx = images, labels, idx.to(images.device)
+        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
+        self.generator = torch.Generator(device=images.device)
+        self.generator.manual_seed(seed)
+
+    def __len__(self):
+        return -(-len(self.idx) // self.batch_size)
+
+    def __iter__(self):
+        order = self.idx
+        if self.shuffle:
+            order = order[torch.randperm(len(order), device=order.device, generator=self.generator)]
+        for start in range(0, len(order), self.batch_size):
+            batch_idx = order[start:start + self.batch_size]
+            x = normalize(self.images[batch_idx])
+            if self.augment:
+                x = augment(x, self.generator)
+            yield x, self.labels[batch_idx]
+
+
+# ------------------------------------------------------------------------------------- forget splits
+
+@dataclass(frozen=True)
+class ForgetSpec:
+    """What to forget: whole classes, or a seeded random fraction of the training images."""
+    classes: tuple = (DEFAULT_FORGET_CLASS,)
+    random_fraction: float | None = None
+    seed: int = 0
+
+    @property
+    def tag(self):
+        """Short name for file names: class3, class3-5, random10."""
+        if self.random_fraction is not None:
+            return f"random{round(self.random_fraction * 100):g}"
+        return "class" + "-".join(str(c) for c in self.classes)
+
+    def to_dict(self):
+        return {"classes": list(self.classes), "random_fraction": self.random_fraction, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, spec):
+        return cls(tuple(spec["classes"]), spec["random_fraction"], spec["seed"])
+
+
+@dataclass
+class Splits:
+    """Index sets: forget and retain partition the training split; test_idx is the test split for TA."""
+    forget_idx: torch.Tensor
+    retain_idx: torch.Tensor
+    test_idx: torch.Tensor
+
+
+def make_splits(train_labels, test_labels, spec):
+    """Forget/retain indices of the training split and the test indices without forgotten classes."""
+    n_train = len(train_labels)
+    if spec.random_fraction is not None:
+        generator = torch.Generator().manual_seed(spec.seed)
+        order = torch.randperm(n_train, generator=generator).to(train_labels.device)
+        forget_mask = torch.zeros(n_train, dtype=torch.bool, device=train_labels.device)
+        forget_mask[order[:round(spec.random_fraction * n_train)]] = True
+        test_idx = torch.arange(len(test_labels), device=test_labels.device)
+    else:
+        classes = torch.tensor(spec.classes, device=train_labels.device)
+        forget_mask = torch.isin(train_labels, classes)
+        test_idx = torch.nonzero(~torch.isin(test_labels, classes.to(test_labels.device))).flatten()
+    return Splits(torch.nonzero(forget_mask).flatten(), torch.nonzero(~forget_mask).flatten(), test_idx)
+
+
+def forget_spec_from_args(args):
+    """ForgetSpec from --forget-class / --forget-random / --forget-seed (None when none was given)."""
+    if args.forget_random is not None:
+        if args.forget_class is not None:
+            raise UserError("give either --forget-class or --forget-random, not both")
+        if not 0 < args.forget_random < 1:
+            raise UserError(f"--forget-random must lie strictly between 0 and 1, got {args.forget_random}")
+        return ForgetSpec((), args.forget_random, args.forget_seed)
+    if args.forget_class is None:
+        return None
+    if len(set(args.forget_class)) == NUM_CLASSES:
+        raise UserError("cannot forget every class: nothing would be left to retain")
+    return ForgetSpec(tuple(sorted(set(args.forget_class))), None, args.forget_seed)
+
+
+def add_forget_arguments(parser):
+    parser.add_argument("--forget-class", type=int, nargs="+", choices=range(NUM_CLASSES), metavar="C",
+                        help=f"forget every training image of these classes, 0-9 (default: {DEFAULT_FORGET_CLASS})")
+    parser.add_argument("--forget-random", type=float, metavar="FRACTION",
+                        help="forget a seeded random FRACTION of the training images instead")
+    parser.add_argument("--forget-seed", type=int, default=0, help="seed of the random forget subset (default: 0)")
+
+
+# --------------------------------------------------------------------------------------------- models
+
+def _cifar_stem(model):
+    """Replace ImageNet's 7x7 stride-2 conv and max-pool with a 3x3 stride-1 conv for 32x32 inputs."""
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+class SlimResNet(ResNet):
+    """torchvision's ResNet with every stage 8x narrower: the smoke preset's stand-in for ResNet-50."""
+
+    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+        return super()._make_layer(block, planes // 8, blocks, stride, dilate)
+
+
+def build_model(arch, preset="full"):
+    """A fresh model by name. The smoke preset gives a slim variant with the same module names."""
+    if arch == "resnet50":
+        if preset == "smoke":
+            model = SlimResNet(Bottleneck, [1, 1, 1, 1], num_classes=NUM_CLASSES)
+            model.fc = nn.Linear(model.inplanes, NUM_CLASSES)
+        else:
+            model = resnet50(num_classes=NUM_CLASSES)
+        return _cifar_stem(model)
+    if arch == "vit":
+        size = {"embed_dim": 48, "depth": 2, "num_heads": 2} if preset == "smoke" else \
+            {"embed_dim": 384, "depth": 12, "num_heads": 6}
+        return VisionTransformer(img_size=IMAGE_SIZE, patch_size=4, num_classes=NUM_CLASSES, global_pool="avg",
+                                 class_token=False, **size)
+    raise UserError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+
+
+def count_parameters(model, trainable_only=False):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# -------------------------------------------------------------------------------------------- pruning
+
+def prune_targets(model):
+    """Layers whose output channels/features are pruned. ResNet: every conv. ViT: every MLP hidden layer."""
+    if hasattr(model, "blocks"):
+        return [block.mlp.fc1 for block in model.blocks]
+    return [module for module in model.modules() if isinstance(module, nn.Conv2d)]
+
+
+def prune(model, amount=PRUNE_AMOUNT):
+    """Zero the `amount` share of output channels/features with the smallest L2 norm, per layer.
+
+    The mask stays attached (torch.nn.utils.prune), so pruned weights stay exactly zero while training;
+    a layer's bias entries of pruned outputs are masked too, so a pruned unit outputs exactly zero."""
+    for layer in prune_targets(model):
+        torch_prune.ln_structured(layer, "weight", amount=amount, n=2, dim=0)
+        if layer.bias is not None:
+            torch_prune.custom_from_mask(layer, "bias", output_mask(layer))
+    return model
+
+
+def output_mask(layer):
+    """1 for each output channel/feature of a pruned layer that survives, 0 for each pruned one."""
+    return layer.weight_mask.flatten(1).amax(1)
+
+
+def pruned_layers(model):
+    return [module for module in model.modules() if hasattr(module, "weight_mask")]
+
+
+# ----------------------------------------------------------------------------------------------- LoRA
+
+@dataclass
+class LoraSettings:
+    rank: int
+    alpha: int
+    dropout: float
+    targets: str
+    train_full: list
+
+
+def lora_settings(arch, args, model):
+    """LoRA settings from the arch's defaults, overridden by --lora-* flags."""
+    defaults = LORA_DEFAULTS[arch]
+    last_block = len(model.blocks) - 1 if hasattr(model, "blocks") else 0
+    targets = args.lora_targets or defaults["targets"].replace("{last}", str(last_block))
+    train_full = defaults["train_full"] if args.lora_train_full is None else args.lora_train_full
+    return LoraSettings(args.lora_rank or defaults["rank"], args.lora_alpha or defaults["alpha"],
+                        defaults["dropout"] if args.lora_dropout is None else args.lora_dropout, targets, train_full)
+
+
+def add_lora(model, settings, example_input):
+    """Freeze the model and attach peft LoRA adapters; checks that every adapter is called in forward.
+
+    Adapters on a pruned layer have their output rows masked like the layer, so merging keeps pruned
+    channels at zero and the merged model computes exactly what the adapted one did."""
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=settings.targets, modules_to_save=settings.train_full or None)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as error:
+        raise UserError(f"LoRA targets {settings.targets!r}: {error}".splitlines()[0]) from None
+    adapters = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    for adapter in adapters:
+        base = adapter.get_base_layer()
+        if hasattr(base, "weight_mask"):
+            for lora_b in adapter.lora_B.values():
+                row_mask = output_mask(base).view(-1, *[1] * (lora_b.weight.dim() - 1)).expand_as(lora_b.weight)
+                torch_prune.custom_from_mask(lora_b, "weight", row_mask.clone())
+    _assert_called(peft_model, adapters, example_input)
+    return peft_model
+
+
+def _assert_called(model, modules, example_input):
+    called = set()
+    hooks = [m.register_forward_hook(lambda mod, *_: called.add(id(mod))) for m in modules]
+    with torch.no_grad():
+        model.eval()
+        model(example_input)
+    for hook in hooks:
+        hook.remove()
+    missing = [m for m in modules if id(m) not in called]
+    if missing:
+        raise UserError(f"{len(missing)} LoRA adapter(s) are never called in forward: choose other --lora-targets")
+
+
+def finalize(model):
+    """A plain model of its arch: LoRA adapters merged, prune masks applied and made permanent."""
+    masks = {}
+    for layer in pruned_layers(model):
+        masks[layer] = {name: getattr(layer, f"{name}_mask").clone() for name in ("weight", "bias")
+                        if hasattr(layer, f"{name}_mask")}
+        for name in masks[layer]:
+            torch_prune.remove(layer, name)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    with torch.no_grad():
+        for module in model.modules():
+            for name, mask in masks.get(module, {}).items():
+                getattr(module, name).mul_(mask)
+    return model
+
+
+# ------------------------------------------------------------------------------------------- training
+
+def autocast(device):
+    """bf16 autocast on GPU, plain fp32 elsewhere."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cross_entropy(model, inputs, labels):
+    return F.cross_entropy(model(inputs), labels)
+
+
+def make_adam(params, lr):
+    params = list(params)
+    return torch.optim.Adam(params, lr=lr, fused=params[0].is_cuda)
+
+
+def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, optimizer=None, scheduler=None,
+          before_step=None, desc="train"):
+    """The one training loop: Adam + cross-entropy by default, bf16 autocast on GPU, no host syncs per step.
+
+    loss_fn(model, inputs, labels) -> scalar; before_step() runs between backward and the optimizer step."""
+    device = next(model.parameters()).device
+    optimizer = optimizer or make_adam((p for p in model.parameters() if p.requires_grad), lr)
+    model.train()
+    for epoch in range(epochs):
+        for inputs, labels in tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=None):
+            with autocast(device):
+                loss = loss_fn(model, inputs, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if before_step is not None:
+                before_step()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+    return model
+
+
+def train_from_scratch(model, data, idx, recipe, seed, desc="pretrain"):
+    """Train a fresh model on images[idx] with a PRETRAIN_RECIPES entry: augmentation, one-cycle schedule."""
+    batches = Batches(data.train_images, data.train_labels, idx, recipe["batch_size"], seed=seed, augment=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe["optimizer"] == "sgd":
+        optimizer = torch.optim.SGD(params, lr=recipe["lr"], momentum=0.9, nesterov=True,
+                                    weight_decay=recipe["weight_decay"])
+    else:
+        optimizer = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe["lr"],
+                                                    total_steps=recipe["epochs"] * len(batches),
+                                                    pct_start=recipe["warmup_fraction"])
+    smoothing = recipe["label_smoothing"]
+
+    def smoothed_cross_entropy(model, inputs, labels):
+        return F.cross_entropy(model(inputs), labels, label_smoothing=smoothing)
+
+    return train(model, batches, recipe["epochs"], loss_fn=smoothed_cross_entropy, optimizer=optimizer,
+                 scheduler=scheduler, desc=desc)
+
+
+def seed_everything(seed):
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Measure:
+    """Times a block (device synchronised) and records its peak GPU memory; `with Measure(device) as m:`."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.seconds, self.peak_gpu_mem_mb = None, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_gpu_mem_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        self.seconds = time.perf_counter() - self.start
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+@torch.no_grad()
+def predict(model, images, idx, batch_size=EVAL_BATCH_SIZE):
+    """Softmax probabilities of model on images[idx], float32 [len(idx), classes]."""
+    model.eval()
+    device = next(model.parameters()).device
+    probs = []
+    for start in range(0, len(idx), batch_size):
+        with autocast(device):
+            logits = model(normalize(images[idx[start:start + batch_size]]))
+        probs.append(logits.float().softmax(1))
+    return torch.cat(probs) if probs else torch.zeros(0, NUM_CLASSES, device=device)
+
+
+def accuracy(probs, labels):
+    """Percent of rows whose arg-max is the label (NaN for no rows)."""
+    return (probs.argmax(1) == labels).float().mean().item() * 100 if len(labels) else float("nan")
+
+
+def mia_efficacy(retain_conf, test_conf, forget_conf, seed=0, max_samples=MIA_MAX_SAMPLES):
+    """Unlearn-Sparse's SVC MIA on true-label confidence: percent of forget samples called non-members.
+
+    An RBF SVC (C=3, gamma='auto', as in Unlearn-Sparse) is fitted on equally many retain samples
+    (members) and test samples (non-members), at most max_samples of each, drawn with the seed."""
+    rng = np.random.default_rng(seed)
+    n = min(len(retain_conf), len(test_conf), max_samples)
+    members = rng.choice(retain_conf, n, replace=False)
+    non_members = rng.choice(test_conf, n, replace=False)
+    features = np.concatenate([members, non_members])[:, None]
+    is_member = np.concatenate([np.ones(n), np.zeros(n)])
+    classifier = SVC(C=3, gamma="auto", kernel="rbf").fit(features, is_member)
+    return float((classifier.predict(np.asarray(forget_conf)[:, None]) == 0).mean() * 100)
+
+
+def evaluate_model(model, data, splits, seed=0):
+    """UA, RA, TA and MIA-efficacy (percent) of model on the splits."""
+    all_train = torch.arange(len(data.train_labels), device=data.train_labels.device)
+    train_probs = predict(model, data.train_images, all_train)
+    test_probs = predict(model, data.test_images, splits.test_idx)
+    train_conf = train_probs.gather(1, data.train_labels[:, None]).flatten()
+    test_conf = test_probs.gather(1, data.test_labels[splits.test_idx][:, None]).flatten()
+    forget, retain = splits.forget_idx, splits.retain_idx
+    return {
+        "UA": 100 - accuracy(train_probs[forget], data.train_labels[forget]),
+        "RA": accuracy(train_probs[retain], data.train_labels[retain]),
+        "TA": accuracy(test_probs, data.test_labels[splits.test_idx]),
+        "MIA_efficacy": mia_efficacy(train_conf[retain].cpu().numpy(), test_conf.cpu().numpy(),
+                                     train_conf[forget].cpu().numpy(), seed),
+    }
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+def library_versions():
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "timm": str(timm.__version__),
+            "peft": str(peft.__version__)}
+
+
+def device_name(device):
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def save_checkpoint(path, model, meta):
+    """Write {"model": state_dict, "meta": meta} atomically: a temporary file, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"model": state, "meta": meta}, f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, device="cpu", arch=None):
+    """(model, meta) from a checkpoint written by save_checkpoint; arch, if given, must match."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state, meta = checkpoint["model"], checkpoint["meta"]
+    except Exception as error:
+        raise UserError(f"{path} is not a checkpoint of this project ({type(error).__name__})") from None
+    if arch is not None and meta["arch"] != arch:
+        raise UserError(f"{path} holds a {meta['arch']} model, not {arch}: pass --arch {meta['arch']} or other weights")
+    model = build_model(meta["arch"], meta.get("preset", "full"))
+    model.load_state_dict(state)
+    return model.to(device), meta
+
+
+def weights_path(arch, method, preset="full", spec=None, seed=None):
+    """model_weights/{arch}_{method}.pth, with the preset, a non-default forget setting and a seed marked."""
+    name = arch + ("-smoke" if preset == "smoke" else "")
+    if spec is not None and spec != ForgetSpec():
+        name += f"_{spec.tag}"
+    name += f"_{method}"
+    if seed is not None:
+        name += f"_s{seed}"
+    return WEIGHTS_DIR / f"{name}.pth"
+
+
+def write_json(path, obj):
+    """Write JSON atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------- script plumbing
+
+def add_common_arguments(parser):
+    """Flags shared by every training script."""
+    parser.add_argument("--arch", default="resnet50", choices=ARCHS, help="model (default: resnet50)")
+    parser.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (default: data)")
+    add_forget_arguments(parser)
+    parser.add_argument("--epochs", type=int, help="training epochs (default: the recipe's)")
+    parser.add_argument("--batch-size", type=int, help="batch size (default: the recipe's)")
+    parser.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of init, shuffling and dropout (default: 0)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--out", help="checkpoint to write (default: model_weights/{arch}_{method}.pth)")
+    parser.add_argument("--preset", default="full", choices=PRESETS,
+                        help="full: the paper's settings; smoke: a tiny CPU configuration for checks (default: full)")
+
+
+def add_method_arguments(parser):
+    """Flags of the unlearning scripts: source weights, pruning, LoRA."""
+    parser.add_argument("--weights", help="original model to unlearn from (default: model_weights/{arch}_original.pth)")
+    parser.add_argument("--prune-amount", type=float, default=PRUNE_AMOUNT,
+                        help="share of output channels/features pruned per layer (default: 0.5)")
+    parser.add_argument("--lora-rank", type=int, help="LoRA rank (default: 8 for resnet50, 16 for vit)")
+    parser.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: 16 for resnet50, 32 for vit)")
+    parser.add_argument("--lora-dropout", type=float, help="LoRA dropout (default: 0.1)")
+    parser.add_argument("--lora-targets", help="regex of module names given adapters (default: per arch, see README)")
+    parser.add_argument("--lora-train-full", nargs="*",
+                        help="modules trained in full beside the adapters (default: fc for resnet50, none for vit)")
+
+
+def check_out_path(args, default):
+    """The output path, refusing a folder or an unwritable place before any work is done."""
+    out = Path(args.out) if args.out else default
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file path ending in .pth")
+    return out
+
+
+def with_overrides(recipe, args, smoke):
+    """A copy of recipe with the smoke preset's values (under --preset smoke) and --epochs/--lr/--batch-size."""
+    recipe = dict(recipe, **(smoke if args.preset == "smoke" else {}))
+    recipe.update({k: getattr(args, k) for k in ("epochs", "lr", "batch_size") if getattr(args, k) is not None})
+    return recipe
+
+
+@dataclass
+class Context:
+    """Everything a method's unlearn() may need beside the model."""
+    args: argparse.Namespace
+    data: CIFAR10
+    splits: Splits
+    spec: ForgetSpec
+    device: torch.device
+    epochs: int
+    lr: float
+    batch_size: int
+    original: nn.Module | None = None
+    prune_amount: float | None = None
+    lora: LoraSettings | None = None
+
+    def retain_batches(self):
+        return Batches(self.data.train_images, self.data.train_labels, self.splits.retain_idx, self.batch_size,
+                       seed=self.args.seed)
+
+    def example_input(self):
+        return normalize(self.data.train_images[:2])
+
+    def prune(self, model):
+        """Prune model by --prune-amount, recording it in the checkpoint's meta."""
+        self.prune_amount = self.args.prune_amount
+        return prune(model, self.prune_amount)
+
+    def add_lora(self, model):
+        """Attach LoRA adapters configured by the arch's defaults and the --lora-* flags."""
+        self.lora = lora_settings(self.args.arch, self.args, model)
+        return add_lora(model, self.lora, self.example_input())
+
+
+def train_on_retain(model, ctx):
+    """The paper's training step: cross-entropy on the retain set."""
+    return train(model, ctx.retain_batches(), ctx.epochs, ctx.lr, desc=ctx.args.method)
+
+
+def run_method(method, unlearn, doc, argv=None, add_arguments=None, fit=train_on_retain):
+    """Command-line entry of an unlearning script: load the original, unlearn(model, ctx), fit, save.
+
+    unlearn prepares the model (prune, attach LoRA, ...) and returns it; fit(model, ctx) trains it
+    (cross-entropy on the retain set unless the method brings its own). Both are timed as the RTE."""
+    def main(argv):
+        parser = make_parser(doc)
+        add_common_arguments(parser)
+        add_method_arguments(parser)
+        if add_arguments is not None:
+            add_arguments(parser)
+        args = parser.parse_args(argv)
+        args.method = method
+        return unlearn_and_save(args, unlearn, fit)
+    return cli(main, argv)
+
+
+def unlearn_and_save(args, unlearn, fit=train_on_retain):
+    spec = forget_spec_from_args(args) or ForgetSpec()
+    if not 0 <= args.prune_amount < 1:
+        raise UserError(f"--prune-amount must lie in [0, 1), got {args.prune_amount}")
+    out = check_out_path(args, weights_path(args.arch, args.method, args.preset, spec))
+    source = Path(args.weights) if args.weights else weights_path(args.arch, "original", args.preset)
+    if not source.is_file():
+        smoke = " --preset smoke" if args.preset == "smoke" else ""
+        raise UserError(f"no original model at {source}: run `python pretrain.py --arch {args.arch}{smoke}` first, "
+                        f"or pass --weights PATH")
+    device = torch.device(args.device)
+    model, source_meta = load_checkpoint(source, device, arch=args.arch)
+    if source_meta.get("preset", "full") != args.preset:
+        raise UserError(f"{source} was trained with --preset {source_meta.get('preset')}, not {args.preset}")
+    data = load_cifar10(args.data, device, args.preset)
+    splits = make_splits(data.train_labels, data.test_labels, spec)
+    recipe = with_overrides(PAPER_RECIPE, args, {"epochs": SMOKE["epochs"], "batch_size": SMOKE["batch_size"]})
+    ctx = Context(args, data, splits, spec, device, recipe["epochs"], recipe["lr"], recipe["batch_size"])
+    if getattr(args, "needs_original", False):
+        ctx.original, _ = load_checkpoint(source, device)
+    seed_everything(args.seed)
+    with Measure(device) as measure:
+        model = fit(unlearn(model, ctx), ctx)
+    model = finalize(model)
+    meta = run_meta(args, spec, ctx.epochs, ctx.lr, ctx.batch_size, len(splits.retain_idx), measure)
+    meta.update(source_weights=str(source), prune_amount=ctx.prune_amount,
+                prune_mode="mask" if ctx.prune_amount else None, lora=asdict(ctx.lora) if ctx.lora else None)
+    save_checkpoint(out, model, meta)
+    report_saved(out, meta)
+    return out
+
+
+def run_meta(args, spec, epochs, lr, batch_size, train_images, measure):
+    """Checkpoint meta shared by every training script."""
+    return {"arch": args.arch, "preset": args.preset, "method": args.method,
+            "forget": spec.to_dict() if spec else None, "seed": args.seed, "epochs": epochs, "lr": lr,
+            "batch_size": batch_size, "train_images": train_images, "prune_amount": None, "prune_mode": None,
+            "lora": None, "rte_s": measure.seconds, "peak_gpu_mem_mb": measure.peak_gpu_mem_mb,
+            "device": device_name(args.device), "versions": library_versions(),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+
+def report_saved(out, meta):
+    memory = f", peak GPU memory {meta['peak_gpu_mem_mb']:.0f} MB" if meta["peak_gpu_mem_mb"] is not None else ""
+    print(f"{meta['method']}: {meta['rte_s']:.1f} s on {meta['device']}{memory} -> {out}")
+
+
+def run_from_scratch(method, doc, argv=None):
+    """Command-line entry of pretrain.py (all training images) and retrain.py (the retain set only)."""
+    def main(argv):
+        parser = make_parser(doc)
+        add_common_arguments(parser)
+        args = parser.parse_args(argv)
+        args.method = method
+        spec = (forget_spec_from_args(args) or ForgetSpec()) if method == "retrain" else None
+        if method != "retrain" and forget_spec_from_args(args) is not None:
+            raise UserError("pretrain.py trains on every training image; forget flags belong to retrain.py")
+        out = check_out_path(args, weights_path(args.arch, method, args.preset, spec))
+        device = torch.device(args.device)
+        data = load_cifar10(args.data, device, args.preset)
+        idx = (make_splits(data.train_labels, data.test_labels, spec).retain_idx if spec
+               else torch.arange(len(data.train_labels), device=device))
+        recipe = with_overrides(PRETRAIN_RECIPES[args.arch], args,
+                                {"epochs": SMOKE["pretrain_epochs"], "batch_size": SMOKE["batch_size"]})
+        seed_everything(args.seed)
+        model = build_model(args.arch, args.preset).to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        with Measure(device) as measure:
+            train_from_scratch(model, data, idx, recipe, args.seed, desc=method)
+        meta = run_meta(args, spec, recipe["epochs"], recipe["lr"], recipe["batch_size"], len(idx), measure)
+        meta["recipe"] = recipe
+        save_checkpoint(out, model, meta)
+        test_accuracy = accuracy(predict(model, data.test_images, torch.arange(len(data.test_labels), device=device)),
+                                 data.test_labels)
+        report_saved(out, meta)
+        print(f"test accuracy (all classes): {test_accuracy:.2f} %")
+        return out
+    return cli(main, argv)
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+METRIC_KEYS = ("UA", "RA", "TA", "MIA_efficacy")
+
+
+def evaluate_checkpoint(path, data_root, device, spec=None, seed=0, data_cache=None):
+    """Metrics of one checkpoint as a dict with keys path, arch, method, UA, RA, TA, MIA_efficacy, RTE_s,
+    peak_gpu_mem_mb (and forget, seed, preset). The forget setting is the checkpoint's unless spec is given;
+    a checkpoint without one (the original model) is scored on the default (class 3)."""
+    model, meta = load_checkpoint(path, device)
+    spec = spec or (ForgetSpec.from_dict(meta["forget"]) if meta.get("forget") else ForgetSpec())
+    preset = meta.get("preset", "full")
+    cache = {} if data_cache is None else data_cache
+    if (data_root, preset) not in cache:
+        cache[(data_root, preset)] = load_cifar10(data_root, device, preset)
+    data = cache[(data_root, preset)]
+    metrics = evaluate_model(model, data, make_splits(data.train_labels, data.test_labels, spec), seed)
+    return {"path": str(path), "arch": meta["arch"], "method": meta["method"], **metrics,
+            "RTE_s": meta.get("rte_s"), "peak_gpu_mem_mb": meta.get("peak_gpu_mem_mb"),
+            "forget": spec.tag, "seed": meta.get("seed"), "preset": preset}
+
+
+def format_cell(value, digits=2):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if value != value else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(rows, columns):
+    """A markdown table of dict rows; columns maps key -> header."""
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(format_cell(row.get(key)) for key in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+EVALUATE_COLUMNS = {"method": "method", "arch": "arch", "forget": "forget", "UA": "UA %", "RA": "RA %", "TA": "TA %",
+                    "MIA_efficacy": "MIA-efficacy %", "RTE_s": "RTE s", "peak_gpu_mem_mb": "peak GPU MB",
+                    "path": "checkpoint"}
