@@ -1,0 +1,103 @@
+import pytest
+import torch
+from conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, write_synthetic_cifar
+
+import common
+
+
+@pytest.fixture(scope="module")
+def data(cifar_dir):
+    return common.load_cifar10(cifar_dir, "cpu")
+
+
+def test_load_reads_standard_layout(data):
+    assert data.train_images.shape == (10 * TRAIN_PER_CLASS, 3, 32, 32)
+    assert data.train_images.dtype == torch.uint8
+    assert data.test_images.shape == (10 * TEST_PER_CLASS, 3, 32, 32)
+    assert torch.bincount(data.train_labels).tolist() == [TRAIN_PER_CLASS] * 10
+
+
+def test_smoke_preset_keeps_first_images_of_each_class(tmp_path):
+    write_synthetic_cifar(tmp_path, train_per_class=40, test_per_class=15)
+    full = common.load_cifar10(tmp_path, "cpu")
+    smoke = common.load_cifar10(tmp_path, "cpu", preset="smoke")
+    assert torch.bincount(smoke.train_labels).tolist() == [common.SMOKE["train_per_class"]] * 10
+    assert torch.bincount(smoke.test_labels).tolist() == [common.SMOKE["test_per_class"]] * 10
+    first_cat = torch.nonzero(full.train_labels == 3).flatten()[0]
+    assert torch.equal(smoke.train_images[torch.nonzero(smoke.train_labels == 3).flatten()[0]],
+                       full.train_images[first_cat])
+
+
+def test_missing_data_is_a_user_error(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(common.torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(common.UserError, match="CIFAR-10 not found"):
+        common.load_cifar10(tmp_path, "cpu")
+
+
+def assert_partition(splits, n_train):
+    forget, retain = set(splits.forget_idx.tolist()), set(splits.retain_idx.tolist())
+    assert not forget & retain
+    assert forget | retain == set(range(n_train))
+
+
+def test_class_split_is_exact(data):
+    splits = common.make_splits(data.train_labels, data.test_labels, common.ForgetSpec((3,)))
+    assert_partition(splits, len(data.train_labels))
+    assert len(splits.forget_idx) == TRAIN_PER_CLASS
+    assert (data.train_labels[splits.forget_idx] == 3).all()
+    assert (data.train_labels[splits.retain_idx] != 3).all()
+    assert len(splits.test_idx) == 9 * TEST_PER_CLASS
+    assert (data.test_labels[splits.test_idx] != 3).all()
+
+
+def test_several_classes(data):
+    splits = common.make_splits(data.train_labels, data.test_labels, common.ForgetSpec((3, 5)))
+    assert_partition(splits, len(data.train_labels))
+    assert set(data.train_labels[splits.forget_idx].tolist()) == {3, 5}
+    assert len(splits.forget_idx) == 2 * TRAIN_PER_CLASS
+    assert len(splits.test_idx) == 8 * TEST_PER_CLASS
+
+
+def test_random_split_is_seeded(data):
+    spec = common.ForgetSpec((), 0.1, seed=0)
+    first = common.make_splits(data.train_labels, data.test_labels, spec)
+    again = common.make_splits(data.train_labels, data.test_labels, spec)
+    other = common.make_splits(data.train_labels, data.test_labels, common.ForgetSpec((), 0.1, seed=1))
+    assert_partition(first, len(data.train_labels))
+    assert len(first.forget_idx) == round(0.1 * len(data.train_labels))
+    assert torch.equal(first.forget_idx, again.forget_idx)
+    assert not torch.equal(first.forget_idx, other.forget_idx)
+    assert len(first.test_idx) == len(data.test_labels)
+    assert spec.tag == "random10"
+
+
+def test_spec_round_trips_through_dict():
+    spec = common.ForgetSpec((3, 5), None, 2)
+    assert common.ForgetSpec.from_dict(spec.to_dict()) == spec
+    assert spec.tag == "class3-5"
+
+
+def test_batches_cover_each_index_once_per_epoch(data):
+    idx = torch.arange(0, len(data.train_labels), 3)
+    batches = common.Batches(data.train_images, torch.arange(len(data.train_labels)), idx, batch_size=16, seed=0)
+    for _ in range(2):
+        seen = torch.cat([positions for _, positions in batches])
+        assert sorted(seen.tolist()) == idx.tolist()
+    assert len(batches) == -(-len(idx) // 16)
+
+
+def test_normalize_uses_cifar_statistics():
+    grey = torch.full((1, 3, 2, 2), 128, dtype=torch.uint8)
+    expected = (128 / 255 - torch.tensor(common.CIFAR_MEAN)) / torch.tensor(common.CIFAR_STD)
+    assert torch.allclose(common.normalize(grey)[0, :, 0, 0], expected)
+
+
+def test_augment_crops_and_flips_within_the_image():
+    image = torch.arange(32.0).expand(4, 3, 32, 32).clone()
+    out = common.augment(image, torch.Generator().manual_seed(0))
+    assert out.shape == image.shape
+    for row in out[:, 0, 0]:
+        steps = row.diff().abs()
+        assert set(steps.tolist()) <= {0.0, 1.0}  # a shifted ramp, reflected at the border

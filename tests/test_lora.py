@@ -1,0 +1,107 @@
+import argparse
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import common
+
+
+def settings_for(arch, model, **flags):
+    args = argparse.Namespace(lora_rank=None, lora_alpha=None, lora_dropout=None, lora_targets=None,
+                              lora_train_full=None)
+    vars(args).update(flags)
+    return common.lora_settings(arch, args, model)
+
+
+def tiny_batches(cifar_dir, n=64):
+    data = common.load_cifar10(cifar_dir, "cpu")
+    return common.Batches(data.train_images, data.train_labels, torch.arange(n), batch_size=16), data
+
+
+def test_resnet_defaults_target_every_bottleneck_conv():
+    model = common.build_model("resnet50", "smoke")
+    settings = settings_for("resnet50", model)
+    assert (settings.rank, settings.alpha, settings.dropout, settings.train_full) == (8, 16, 0.1, ["fc"])
+    adapted = common.add_lora(model, settings, torch.zeros(2, 3, 32, 32))
+    names = {name.removeprefix("base_model.model.") for name, m in adapted.named_modules()
+             if isinstance(m, common.LoraLayer)}
+    expected = {f"layer{i}.0.conv{j}" for i in range(1, 5) for j in range(1, 4)}
+    assert names == expected
+
+
+def test_vit_defaults_target_last_attention_projection_and_head():
+    model = common.build_model("vit", "smoke")
+    settings = settings_for("vit", model)
+    assert (settings.rank, settings.alpha) == (16, 32)
+    adapted = common.add_lora(model, settings, torch.zeros(2, 3, 32, 32))
+    names = {name.removeprefix("base_model.model.") for name, m in adapted.named_modules()
+             if isinstance(m, common.LoraLayer)}
+    assert names == {f"blocks.{len(model.blocks) - 1}.attn.proj", "head"}
+
+
+def test_lora_trains_only_adapters_and_the_classifier(cifar_dir):
+    model = common.build_model("resnet50", "smoke")
+    base = copy.deepcopy(model.state_dict())
+    adapted = common.add_lora(model, settings_for("resnet50", model), torch.zeros(2, 3, 32, 32))
+    trainable = [name for name, p in adapted.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name or ".fc." in name for name in trainable)
+    lora_b = {name: p.detach().clone() for name, p in adapted.named_parameters() if "lora_B" in name}
+    batches, _ = tiny_batches(cifar_dir)
+    common.train(adapted, batches, epochs=1, lr=1e-2)
+    after = dict(adapted.named_parameters())
+    assert all(not torch.equal(after[name], start) for name, start in lora_b.items())
+    frozen = adapted.get_base_model()
+    for name, tensor in frozen.state_dict().items():
+        key = name.replace(".base_layer", "")
+        if key in base and not key.startswith("fc.") and "running" not in key and "num_batches" not in key:
+            assert torch.equal(tensor, base[key]), name
+
+
+@pytest.mark.parametrize("arch, pruned", [("resnet50", False), ("resnet50", True), ("vit", False), ("vit", True)])
+def test_merged_model_reproduces_adapted_outputs(arch, pruned, cifar_dir):
+    torch.manual_seed(0)
+    model = common.build_model(arch, "smoke")
+    if pruned:
+        common.prune(model, 0.5)
+    adapted = common.add_lora(model, settings_for(arch, model), torch.zeros(2, 3, 32, 32))
+    batches, data = tiny_batches(cifar_dir)
+    common.train(adapted, batches, epochs=1, lr=1e-2)
+    inputs = common.normalize(data.test_images[:16])
+    adapted.eval()
+    with torch.no_grad():
+        expected = adapted(inputs)
+    merged = common.finalize(adapted)
+    assert type(merged) is type(common.build_model(arch, "smoke"))
+    assert not any(isinstance(m, common.LoraLayer) for m in merged.modules())
+    merged.eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(inputs), expected, atol=1e-4)
+    fresh = common.build_model(arch, "smoke")
+    fresh.load_state_dict(merged.state_dict())
+    if pruned:
+        for layer in common.prune_targets(merged):
+            assert (layer.weight.flatten(1).abs().sum(1) == 0).sum() == round(0.5 * layer.weight.shape[0])
+
+
+def test_adapter_that_is_never_called_is_refused():
+    class WithUnusedLayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(4, 2)
+            self.unused = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = WithUnusedLayer()
+    settings = common.LoraSettings(rank=2, alpha=4, dropout=0.0, targets="used|unused", train_full=[])
+    with pytest.raises(common.UserError, match="never called"):
+        common.add_lora(model, settings, torch.zeros(1, 4))
+
+
+def test_targets_that_match_nothing_are_refused():
+    model = common.build_model("vit", "smoke")
+    with pytest.raises(common.UserError, match="LoRA targets"):
+        common.add_lora(model, settings_for("vit", model, lora_targets="no_such_layer"), torch.zeros(1, 3, 32, 32))

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import common
+
+
+class ConstantModel(nn.Module):
+    """Answers the same class for every image."""
+
+    def __init__(self, answer):
+        super().__init__()
+        self.answer = answer
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        logits = torch.zeros(len(x), common.NUM_CLASSES) + self.dummy
+        logits[:, self.answer] = 10.0
+        return logits
+
+
+class MeanColourModel(nn.Module):
+    """Nearest class palette colour: near-perfect on the synthetic data."""
+
+    def __init__(self, data):
+        super().__init__()
+        colours = common.normalize(data.train_images).mean((2, 3))
+        self.centres = nn.Parameter(torch.stack([colours[data.train_labels == c].mean(0) for c in range(10)]))
+
+    def forward(self, x):
+        return -torch.cdist(x.mean((2, 3)), self.centres) * 10
+
+
+@pytest.fixture(scope="module")
+def data(cifar_dir):
+    return common.load_cifar10(cifar_dir, "cpu")
+
+
+def splits_for(data, *classes):
+    return common.make_splits(data.train_labels, data.test_labels, common.ForgetSpec(classes))
+
+
+def test_model_that_always_answers_the_forget_class(data):
+    metrics = common.evaluate_model(ConstantModel(3), data, splits_for(data, 3))
+    assert metrics["UA"] == 0  # it "remembers" every forget image
+    assert metrics["RA"] == 0
+    assert metrics["TA"] == 0  # the test set holds no cats
+
+
+def test_model_that_never_answers_the_forget_class(data):
+    metrics = common.evaluate_model(ConstantModel(0), data, splits_for(data, 3))
+    assert metrics["UA"] == 100
+    assert metrics["RA"] == pytest.approx(100 / 9)
+    assert metrics["TA"] == pytest.approx(100 / 9)
+
+
+def test_accurate_model_has_high_ra_and_ta_and_low_ua(data):
+    metrics = common.evaluate_model(MeanColourModel(data), data, splits_for(data, 3, 5))
+    assert metrics["RA"] > 90 and metrics["TA"] > 90 and metrics["UA"] < 10
+
+
+def test_mia_efficacy_separates_member_like_from_non_member_like_forget_sets():
+    rng = np.random.default_rng(0)
+    retain = rng.uniform(0.9, 1.0, 500)   # members: confident
+    test = rng.uniform(0.0, 0.5, 500)     # non-members: unsure
+    assert common.mia_efficacy(retain, test, rng.uniform(0.9, 1.0, 200)) < 5
+    assert common.mia_efficacy(retain, test, rng.uniform(0.0, 0.5, 200)) > 95
+
+
+def test_mia_efficacy_balances_members_and_non_members(monkeypatch):
+    fitted = {}
+
+    class RecordingSVC(common.SVC):
+        def fit(self, features, labels):
+            fitted["counts"] = np.bincount(labels.astype(int)).tolist()
+            return super().fit(features, labels)
+
+    monkeypatch.setattr(common, "SVC", RecordingSVC)
+    common.mia_efficacy(np.linspace(0.5, 1, 900), np.linspace(0, 0.5, 120), np.ones(10), max_samples=100)
+    assert fitted["counts"] == [100, 100]

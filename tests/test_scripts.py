@@ -1,0 +1,100 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, run_script
+
+import common
+
+METHODS = ["finetune", "pruneft", "lora", "loraprune"]
+JSON_KEYS = {"path", "arch", "method", "UA", "RA", "TA", "MIA_efficacy", "RTE_s", "peak_gpu_mem_mb"}
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "vit"])
+def test_every_script_runs_and_evaluate_reads_what_it_wrote(arch, cifar_dir, workdir):
+    smoke = ["--arch", arch, "--preset", "smoke", "--data", cifar_dir]
+    assert run_script("pretrain.py", *smoke) == 0
+    for script in ["retrain", *METHODS]:
+        assert run_script(f"{script}.py", *smoke) == 0, script
+    paths = sorted((workdir / "model_weights").glob("*.pth"))
+    assert [p.name for p in paths] == sorted(f"{arch}-smoke_{m}.pth" for m in ["original", "retrain", *METHODS])
+    meta = torch.load(workdir / f"model_weights/{arch}-smoke_loraprune.pth", weights_only=True)["meta"]
+    assert meta["prune_amount"] == 0.5 and meta["lora"]["rank"] == common.LORA_DEFAULTS[arch]["rank"]
+    assert meta["forget"] == common.ForgetSpec().to_dict() and meta["rte_s"] > 0
+    assert meta["peak_gpu_mem_mb"] is None and meta["device"] == "cpu"
+    assert run_script("evaluate.py", *paths, "--data", cifar_dir, "--json", "eval.json") == 0
+    rows = json.loads((workdir / "eval.json").read_text())
+    assert [row["method"] for row in rows] == [p.stem.split("_")[-1] for p in paths]
+    for row in rows:
+        assert JSON_KEYS <= row.keys()
+        assert all(0 <= row[k] <= 100 for k in common.METRIC_KEYS)
+    retrain = next(row for row in rows if row["method"] == "retrain")
+    assert retrain["UA"] == 100  # trained without cats, its cat logit only ever goes down
+    for row in rows:
+        assert row["peak_gpu_mem_mb"] is None
+
+
+def test_forget_settings_reach_the_checkpoint(original_weights, cifar_dir, workdir):
+    common_args = ["--preset", "smoke", "--data", cifar_dir, "--weights", original_weights("vit"), "--arch", "vit"]
+    assert run_script("finetune.py", *common_args, "--forget-class", "3", "5") == 0
+    assert run_script("finetune.py", *common_args, "--forget-random", "0.1") == 0
+    several = workdir / "model_weights/vit-smoke_class3-5_finetune.pth"
+    random = workdir / "model_weights/vit-smoke_random10_finetune.pth"
+    rows = [common.evaluate_checkpoint(p, cifar_dir, "cpu") for p in (several, random)]
+    assert [row["forget"] for row in rows] == ["class3-5", "random10"]
+
+
+def one_line_error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_missing_weights_name_the_pretrain_command(cifar_dir, workdir, capsys):
+    assert run_script("lora.py", "--preset", "smoke", "--data", cifar_dir) == 1
+    assert "python pretrain.py --arch resnet50 --preset smoke" in one_line_error(capsys)
+
+
+def test_missing_data_is_one_line(workdir, capsys, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(common.torchvision.datasets, "CIFAR10", offline)
+    assert run_script("pretrain.py", "--preset", "smoke", "--data", workdir / "nothing") == 1
+    assert "CIFAR-10 not found" in one_line_error(capsys)
+
+
+def test_forget_class_out_of_range_is_one_line(workdir, capsys):
+    assert run_script("finetune.py", "--forget-class", "12") == 2
+    assert "invalid choice: 12" in one_line_error(capsys)
+
+
+def test_weights_of_the_other_arch_are_refused_and_nothing_is_overwritten(original_weights, cifar_dir, workdir,
+                                                                            capsys):
+    out = workdir / "keep.pth"
+    out.write_bytes(b"precious")
+    assert run_script("pruneft.py", "--arch", "resnet50", "--preset", "smoke", "--data", cifar_dir,
+                      "--weights", original_weights("vit"), "--out", out) == 1
+    assert "holds a vit model, not resnet50" in one_line_error(capsys)
+    assert out.read_bytes() == b"precious"
+
+
+def test_forget_flags_conflict(cifar_dir, workdir, capsys):
+    assert run_script("retrain.py", "--preset", "smoke", "--data", cifar_dir,
+                      "--forget-class", "3", "--forget-random", "0.1") == 1
+    assert "not both" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in ROOT.glob("*.py") if p.name != "common.py"))
+def test_every_script_has_help(script, capsys):
+    assert run_script(script, "--help") == 0
+    assert "python " in capsys.readouterr().out  # the docstring shows the run command
+
+
+def test_command_line_error_in_a_real_process(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "finetune.py"), "--forget-class", "12"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "model_weights").exists()
