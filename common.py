@@ -45,6 +45,8 @@ RESULTS_DIR = Path("results")
 
 # The paper's unlearning recipe (Adam, cross-entropy, no augmentation).
 PAPER_RECIPE = {"epochs": 5, "lr": 1e-3, "batch_size": 128}
+# The baselines' optimizer in their official code (Unlearn-Sparse / SalUn arg_parser.py, SCRUB's notebooks).
+BASELINE_SGD = {"momentum": 0.9, "weight_decay": 5e-4}
 # Training from scratch (pretrain.py, retrain.py): random crop + flip, label smoothing, one-cycle schedule.
 PRETRAIN_RECIPES = {
     "resnet50": {"epochs": 60, "lr": 0.2, "batch_size": 512, "optimizer": "sgd", "weight_decay": 5e-4,
@@ -416,6 +418,65 @@ def make_adam(params, lr):
     return torch.optim.Adam(params, lr=lr, fused=params[0].is_cuda)
 
 
+def make_sgd(params, lr, weight_decay=BASELINE_SGD["weight_decay"]):
+    """SGD with the momentum of the baselines' official code (Unlearn-Sparse, SalUn, SCRUB)."""
+    return torch.optim.SGD(list(params), lr=lr, momentum=BASELINE_SGD["momentum"], weight_decay=weight_decay)
+
+
+def random_other_labels(labels, generator=None):
+    """A uniformly random label for each sample, never its true one."""
+    shift = torch.randint(1, NUM_CLASSES, labels.shape, device=labels.device, generator=generator)
+    return (labels + shift) % NUM_CLASSES
+
+
+class RandomLabelBatches:
+    """One pass: the forget batches relabelled by random_other_labels, then the retain batches (SalUn's RL)."""
+
+    def __init__(self, forget, retain, seed=0):
+        self.forget, self.retain = forget, retain
+        self.generator = torch.Generator(device=forget.images.device)
+        self.generator.manual_seed(seed)
+
+    def __len__(self):
+        return len(self.forget) + len(self.retain)
+
+    def __iter__(self):
+        for inputs, labels in self.forget:
+            yield inputs, random_other_labels(labels, self.generator)
+        yield from self.retain
+
+
+def distill_kl(student_logits, teacher_logits, temperature):
+    """KL(teacher || student) of temperature-softened outputs, times T^2 (Hinton distillation, as in SCRUB)."""
+    return F.kl_div(F.log_softmax(student_logits.float() / temperature, 1),
+                    F.softmax(teacher_logits.float() / temperature, 1), reduction="batchmean") * temperature ** 2
+
+
+def l1_norm(model):
+    """Sum of |w| over every trainable parameter."""
+    return sum(p.abs().sum() for p in model.parameters() if p.requires_grad)
+
+
+def saliency_mask(model, batches, share):
+    """SalUn's weight saliency: {parameter name: bool mask shaped like it}, True for the `share` of all trainable
+    weights (one ranking across the model) with the largest |gradient of the cross-entropy summed over batches|."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    saliency = {name: torch.zeros_like(p) for name, p in params.items()}
+    model.eval()
+    for inputs, labels in batches:
+        model.zero_grad(set_to_none=True)
+        cross_entropy(model, inputs, labels).backward()
+        for name, p in params.items():
+            if p.grad is not None:
+                saliency[name] += p.grad
+    model.zero_grad(set_to_none=True)
+    flat = torch.cat([s.abs().flatten() for s in saliency.values()])
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.topk(flat, round(share * flat.numel()), sorted=False).indices] = True
+    sizes = [p.numel() for p in params.values()]
+    return {name: k.view_as(params[name]) for name, k in zip(params, keep.split(sizes), strict=True)}
+
+
 def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, optimizer=None, scheduler=None,
           before_step=None, desc="train"):
     """The one training loop: Adam + cross-entropy by default, bf16 autocast on GPU, no host syncs per step.
@@ -663,10 +724,15 @@ class Context:
     original: nn.Module | None = None
     prune_amount: float | None = None
     lora: LoraSettings | None = None
+    hyperparameters: dict | None = None  # a method's own settings, saved in the checkpoint's meta
 
     def retain_batches(self):
         return Batches(self.data.train_images, self.data.train_labels, self.splits.retain_idx, self.batch_size,
                        seed=self.args.seed)
+
+    def forget_batches(self, batch_size=None):
+        return Batches(self.data.train_images, self.data.train_labels, self.splits.forget_idx,
+                       batch_size or self.batch_size, seed=self.args.seed)
 
     def example_input(self):
         return normalize(self.data.train_images[:2])
@@ -720,7 +786,8 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain):
         raise UserError(f"{source} was trained with --preset {source_meta.get('preset')}, not {args.preset}")
     data = load_cifar10(args.data, device, args.preset)
     splits = make_splits(data.train_labels, data.test_labels, spec)
-    recipe = with_overrides(PAPER_RECIPE, args, {"epochs": SMOKE["epochs"], "batch_size": SMOKE["batch_size"]})
+    recipe = with_overrides(getattr(args, "recipe", PAPER_RECIPE), args,
+                            {"epochs": SMOKE["epochs"], "batch_size": SMOKE["batch_size"]})
     ctx = Context(args, data, splits, spec, device, recipe["epochs"], recipe["lr"], recipe["batch_size"])
     if getattr(args, "needs_original", False):
         ctx.original, _ = load_checkpoint(source, device)
@@ -731,6 +798,8 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain):
     meta = run_meta(args, spec, ctx.epochs, ctx.lr, ctx.batch_size, len(splits.retain_idx), measure)
     meta.update(source_weights=str(source), prune_amount=ctx.prune_amount,
                 prune_mode="mask" if ctx.prune_amount else None, lora=asdict(ctx.lora) if ctx.lora else None)
+    if ctx.hyperparameters:
+        meta["hyperparameters"] = ctx.hyperparameters
     save_checkpoint(out, model, meta)
     report_saved(out, meta)
     return out
