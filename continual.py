@@ -1,0 +1,143 @@
+"""Continual unlearning: forget one class per request, each step starting from the previous step's model.
+
+    python continual.py --arch resnet50 --method loraprune --steps 3 5 7
+    python continual.py --arch resnet50 --methods finetune loraprune salun scrub   # several methods, one plot
+
+Step k runs the method's script (its command line, in this process; nothing is imported) with --weights = step
+k-1's checkpoint (the original model at step 1) and --forget-class = every class forgotten so far, so the forget
+set accumulates. After each step UA, RA, TA and MIA-efficacy are measured on everything forgotten so far, beside
+the step's RTE; retrain.py on each step's retain set is the reference (--no-retrain skips it). Writes
+results/continual_{arch}[-smoke]_{methods}.json, .md and .png; step checkpoints go to model_weights/continual/.
+"""
+import runpy
+import sys
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+import common
+
+ROOT = Path(__file__).resolve().parent
+METHODS = ("finetune", "pruneft", "lora", "loraprune", "ga", "rl", "l1sparse", "salun", "scrub")
+PLOTTED = {"UA": "UA (%)", "RA": "RA (%)", "TA": "TA (%)", "MIA_efficacy": "MIA-efficacy (%)", "RTE_s": "RTE (s)"}
+COLUMNS = {"method": "method", "step": "step", "forget_classes": "forgotten classes", "forget_images": "forget images",
+           "UA": "UA %", "RA": "RA %", "TA": "TA %", "MIA_efficacy": "MIA-efficacy %", "RTE_s": "RTE s"}
+
+
+def run_script(script, argv):
+    """Run ROOT/script as its command line would, in this process, turning a failure into a UserError."""
+    saved_argv = sys.argv
+    sys.argv = [script, *map(str, argv)]
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as stop:
+        if stop.code not in (None, 0):
+            raise common.UserError(f"{script} {' '.join(map(str, argv))} failed (exit status {stop.code})") from None
+    finally:
+        sys.argv = saved_argv
+
+
+def step_checkpoint(args, method, step):
+    name = args.arch + ("-smoke" if args.preset == "smoke" else "")
+    return common.WEIGHTS_DIR / "continual" / f"{name}_{method}_step{step}.pth"
+
+
+def evaluate_step(path, method, step, forgotten, args, data_cache):
+    """One table row: the metrics of a step's checkpoint on every class forgotten so far."""
+    spec = common.ForgetSpec(tuple(forgotten))
+    row = common.evaluate_checkpoint(path, args.data, args.device, spec, args.seed, data_cache)
+    data = data_cache[(args.data, args.preset)]
+    splits = common.make_splits(data.train_labels, data.test_labels, spec)
+    return {"method": method, "step": step, "forget_classes": list(forgotten), "forget_images": len(splits.forget_idx),
+            "retain_images": len(splits.retain_idx), **{key: row[key] for key in (*common.METRIC_KEYS, "RTE_s")},
+            "checkpoint": str(path)}
+
+
+def run_method_steps(method, args, data_cache):
+    """Apply the forget requests one after another with method; one row per step."""
+    shared = ["--arch", args.arch, "--data", args.data, "--device", args.device, "--seed", args.seed,
+              "--preset", args.preset]
+    rows, weights = [], args.weights
+    for step in range(1, len(args.steps) + 1):
+        forgotten = sorted(args.steps[:step])
+        out = step_checkpoint(args, method, step)
+        run_script(f"{method}.py", [*shared, "--weights", weights, "--forget-class", *forgotten, "--out", out])
+        rows.append(evaluate_step(out, method, step, forgotten, args, data_cache))
+        weights = out
+    return rows
+
+
+def run_retrain_steps(args, data_cache):
+    """Retrain from scratch on each step's retain set: the reference every method is compared with."""
+    rows = []
+    for step in range(1, len(args.steps) + 1):
+        forgotten = sorted(args.steps[:step])
+        out = step_checkpoint(args, "retrain", step)
+        run_script("retrain.py", ["--arch", args.arch, "--data", args.data, "--device", args.device, "--seed",
+                                  args.seed, "--preset", args.preset, "--forget-class", *forgotten, "--out", out])
+        rows.append(evaluate_step(out, "retrain", step, forgotten, args, data_cache))
+    return rows
+
+
+def plot(rows, steps, title, path):
+    """One panel per metric, metric vs step, one line per method; drawn with the Agg backend."""
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    figure = Figure(figsize=(4 * len(PLOTTED), 3.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(PLOTTED))
+    tick_labels = [f"{k}\n+{c} {common.CLASS_NAMES[c]}" for k, c in enumerate(steps, start=1)]
+    for ax, (key, label) in zip(axes, PLOTTED.items(), strict=True):
+        for method in methods:
+            points = sorted((row["step"], row[key]) for row in rows if row["method"] == method)
+            ax.plot(*zip(*points, strict=True), marker="o", label=method,
+                    linestyle="--" if method == "retrain" else "-")
+        ax.set_title(label.split(" (")[0])
+        ax.set_xlabel("step (class forgotten)")
+        ax.set_ylabel(label)
+        ax.set_xticks(range(1, len(steps) + 1), tick_labels)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    figure.suptitle(title)
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = common.make_parser(__doc__)
+    parser.add_argument("--method", "--methods", dest="methods", nargs="+", choices=METHODS, default=["loraprune"],
+                        metavar="METHOD", help=f"unlearning method(s): {', '.join(METHODS)} (default: loraprune)")
+    parser.add_argument("--steps", type=int, nargs="+", choices=range(common.NUM_CLASSES), default=[3, 5, 7],
+                        metavar="C", help="the class forgotten at each step, in order (default: 3 5 7)")
+    parser.add_argument("--no-retrain", action="store_true", help="skip retraining from scratch at each step")
+    parser.add_argument("--arch", default="resnet50", choices=common.ARCHS, help="model (default: resnet50)")
+    parser.add_argument("--weights", help="original model (default: model_weights/{arch}_original.pth)")
+    parser.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (default: data)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every step and of the MIA (default: 0)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--preset", default="full", choices=common.PRESETS,
+                        help="full: the paper's settings; smoke: a tiny CPU configuration (default: full)")
+    args = parser.parse_args(argv)
+    if len(set(args.steps)) != len(args.steps) or len(args.steps) >= common.NUM_CLASSES:
+        raise common.UserError("--steps must name distinct classes, fewer than all ten")
+    args.methods = list(dict.fromkeys(args.methods))
+    args.weights = args.weights or str(common.weights_path(args.arch, "original", args.preset))
+    data_cache = {}
+    rows = [row for method in args.methods for row in run_method_steps(method, args, data_cache)]
+    if not args.no_retrain:
+        rows += run_retrain_steps(args, data_cache)
+    name = f"continual_{args.arch}{'-smoke' if args.preset == 'smoke' else ''}_{'-'.join(args.methods)}"
+    out = common.RESULTS_DIR / name
+    common.write_json(out.with_suffix(".json"), {"arch": args.arch, "preset": args.preset, "steps": args.steps,
+                                                 "methods": args.methods, "seed": args.seed, "rows": rows})
+    table = [dict(row, forget_classes=" ".join(map(str, row["forget_classes"]))) for row in rows]
+    out.with_suffix(".md").write_text(common.markdown_table(table, COLUMNS) + "\n")
+    title = f"Continual unlearning, {args.arch} ({args.preset} preset): metrics on every class forgotten so far"
+    plot(rows, args.steps, title, out.with_suffix(".png"))
+    print(common.markdown_table(table, COLUMNS))
+    print(f"-> {out}.json, .md, .png")
+    return rows
+
+
+if __name__ == "__main__":
+    common.cli(main)

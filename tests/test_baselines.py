@@ -1,0 +1,116 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_script
+from torch import nn
+
+import common
+
+SMOKE = ["--arch", "vit", "--preset", "smoke", "--device", "cpu"]
+
+
+def unlearn(script, original_weights, cifar_dir, out, *extra):
+    assert run_script(script, *SMOKE, "--data", cifar_dir, "--weights", original_weights("vit"), "--out", out,
+                      *extra) == 0
+    return out
+
+
+def forget_loss(path, cifar_dir):
+    """Mean cross-entropy of a checkpoint on the default forget set (class 3), in eval mode."""
+    model, _ = common.load_checkpoint(path)
+    data = common.load_cifar10(cifar_dir, "cpu", "smoke")
+    forget_idx = common.make_splits(data.train_labels, data.test_labels, common.ForgetSpec()).forget_idx
+    probs = common.predict(model, data.train_images, forget_idx)
+    return F.nll_loss(probs.log(), data.train_labels[forget_idx]).item()
+
+
+@pytest.mark.parametrize("script, forget, tag, paper_lr", [
+    ("ga.py", [], "class3", 1e-4),
+    ("rl.py", ["--forget-class", "3", "5"], "class3-5", 0.013),
+    ("l1sparse.py", ["--forget-random", "0.1"], "random10", 0.01),
+    ("salun.py", ["--forget-class", "3", "5"], "class3-5", 0.013),
+    ("scrub.py", ["--forget-random", "0.1"], "random10", 5e-4),
+])
+def test_baseline_runs_and_evaluate_reads_its_checkpoint(script, forget, tag, paper_lr, original_weights, cifar_dir,
+                                                         workdir):
+    out = unlearn(script, original_weights, cifar_dir, workdir / "unlearned.pth", *forget)
+    meta = torch.load(out, weights_only=True)["meta"]
+    assert meta["method"] == script.removesuffix(".py") and meta["epochs"] == common.SMOKE["epochs"]
+    assert meta["lr"] == paper_lr
+    assert run_script("evaluate.py", out, "--data", cifar_dir, "--json", "eval.json") == 0
+    [row] = json.loads((workdir / "eval.json").read_text())
+    assert row["forget"] == tag and row["method"] == meta["method"]
+    assert all(0 <= row[key] <= 100 for key in common.METRIC_KEYS)
+
+
+def test_salun_mask_holds_the_share_and_training_moves_nothing_outside_it(original_weights, cifar_dir, workdir):
+    out = unlearn("salun.py", original_weights, cifar_dir, workdir / "salun.pth")
+    original, _ = common.load_checkpoint(original_weights("vit"))
+    unlearned = torch.load(out, weights_only=True)
+    data = common.load_cifar10(cifar_dir, "cpu", "smoke")
+    splits = common.make_splits(data.train_labels, data.test_labels, common.ForgetSpec())
+    forget = common.Batches(data.train_images, data.train_labels, splits.forget_idx, common.SMOKE["batch_size"])
+    mask = common.saliency_mask(original, forget, 0.5)
+    weights = sum(keep.numel() for keep in mask.values())
+    assert sum(keep.sum().item() for keep in mask.values()) == round(0.5 * weights)
+    assert unlearned["meta"]["hyperparameters"]["masked_weights"] == round(0.5 * weights)
+    before = dict(original.named_parameters())
+    moved = 0
+    for name, keep in mask.items():
+        after = unlearned["model"][name]
+        assert torch.equal(after[~keep], before[name].detach()[~keep]), name
+        moved += (after[keep] != before[name].detach()[keep]).sum().item()
+    assert moved > 0
+
+
+def test_saliency_mask_share_is_exact_on_a_tiny_model():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 7), nn.ReLU(), nn.Linear(7, common.NUM_CLASSES))
+    batches = [(torch.randn(5, 3, 4, 4), torch.randint(0, common.NUM_CLASSES, (5,))) for _ in range(2)]
+    mask = common.saliency_mask(model, batches, 0.3)
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(keep.sum().item() for keep in mask.values()) == round(0.3 * total)
+    assert all(keep.shape == p.shape for keep, p in zip(mask.values(), model.parameters(), strict=True))
+
+
+def test_random_labels_are_never_the_true_label():
+    labels = torch.arange(common.NUM_CLASSES).repeat(500)
+    relabelled = common.random_other_labels(labels, torch.Generator().manual_seed(0))
+    assert (relabelled != labels).all()
+    for c in range(common.NUM_CLASSES):  # every other class is drawn
+        assert set(relabelled[labels == c].tolist()) == set(range(common.NUM_CLASSES)) - {c}
+
+
+def test_rl_batches_relabel_only_the_forget_set():
+    labels = torch.arange(common.NUM_CLASSES).repeat(12)
+    images = torch.zeros(len(labels), 3, 32, 32, dtype=torch.uint8)
+    forget_idx = torch.nonzero(labels == 3).flatten()
+    retain_idx = torch.nonzero(labels != 3).flatten()
+    batches = common.RandomLabelBatches(common.Batches(images, labels, forget_idx, 5),
+                                        common.Batches(images, labels, retain_idx, 16))
+    for _ in range(3):
+        seen = [batch_labels for _, batch_labels in batches]
+        assert len(seen) == len(batches)
+        forget_labels, retain_labels = torch.cat(seen[:3]), torch.cat(seen[3:])
+        assert len(forget_labels) == len(forget_idx) and (forget_labels != 3).all()
+        assert sorted(retain_labels.tolist()) == sorted(labels[retain_idx].tolist())
+
+
+def test_ga_raises_the_forget_loss(original_weights, cifar_dir, workdir):
+    out = unlearn("ga.py", original_weights, cifar_dir, workdir / "ga.pth", "--lr", "0.01", "--epochs", "2")
+    assert torch.load(out, weights_only=True)["meta"]["lr"] == 0.01
+    assert forget_loss(out, cifar_dir) > forget_loss(original_weights("vit"), cifar_dir) + 0.1
+
+
+def test_l1_penalty_shrinks_the_weights(original_weights, cifar_dir, workdir):
+    plain = unlearn("l1sparse.py", original_weights, cifar_dir, workdir / "plain.pth", "--l1-alpha", "0")
+    sparse = unlearn("l1sparse.py", original_weights, cifar_dir, workdir / "sparse.pth", "--l1-alpha", "1e-3")
+    l1 = {path: common.l1_norm(common.load_checkpoint(path)[0]).item() for path in (plain, sparse)}
+    assert l1[sparse] < l1[plain]
+
+
+def test_distill_kl_is_zero_only_when_student_matches_teacher():
+    logits = torch.randn(4, common.NUM_CLASSES)
+    assert common.distill_kl(logits, logits, 4.0).item() == pytest.approx(0, abs=1e-6)
+    assert common.distill_kl(logits, logits.flip(1), 4.0).item() > 0
