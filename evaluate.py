@@ -7,8 +7,6 @@ without the forgotten classes; MIA-efficacy = share of forget samples that Unlea
 membership-inference attack calls non-members. All in percent. Arch and forget setting come from each
 checkpoint's meta (the original model, which has none, is scored on class 3 unless --forget-* is given).
 """
-import torch
-
 import common
 
 
@@ -18,7 +16,7 @@ def main(argv=None):
     parser.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (default: data)")
     common.add_forget_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the MIA's member/non-member samples (default: 0)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    common.add_device_argument(parser)
     parser.add_argument("--json", metavar="OUT", help="also write the results as a JSON list to OUT")
     args = parser.parse_args(argv)
     spec = common.forget_spec_from_args(args)

@@ -98,3 +98,9 @@ def test_command_line_error_in_a_real_process(tmp_path):
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "model_weights").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_asking_for_a_missing_gpu_is_one_line(workdir, capsys):
+    assert run_script("evaluate.py", "x.pth", "--device", "cuda") == 2
+    assert "no CUDA GPU" in one_line_error(capsys)
