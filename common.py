@@ -22,6 +22,7 @@ import peft
 import timm
 import torch
 import torch.nn.functional as F
+import torch_pruning as tp
 import torchvision
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -62,6 +63,7 @@ LORA_DEFAULTS = {
     "vit": {"rank": 16, "alpha": 32, "dropout": 0.1, "targets": r"blocks\.{last}\.attn\.proj|head", "train_full": []},
 }
 PRUNE_AMOUNT = 0.5
+PRUNE_MODES = ("mask", "physical")
 EVAL_BATCH_SIZE = 1024
 MIA_MAX_SAMPLES = 5000
 
@@ -293,6 +295,12 @@ def build_model(arch, preset="full"):
     raise UserError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
 
 
+def to_device(model, device):
+    """model on device, with channels-last weights on GPU to match normalize()'s channels-last batches."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
+
+
 def count_parameters(model, trainable_only=False):
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
@@ -306,16 +314,68 @@ def prune_targets(model):
     return [module for module in model.modules() if isinstance(module, nn.Conv2d)]
 
 
-def prune(model, amount=PRUNE_AMOUNT):
+def prune(model, amount=PRUNE_AMOUNT, mode="mask"):
     """Zero the `amount` share of output channels/features with the smallest L2 norm, per layer.
 
     The mask stays attached (torch.nn.utils.prune), so pruned weights stay exactly zero while training;
-    a layer's bias entries of pruned outputs are masked too, so a pruned unit outputs exactly zero."""
+    a layer's bias entries of pruned outputs are masked too, so a pruned unit outputs exactly zero.
+    mode="physical" removes the channels instead (prune_physically)."""
+    if mode == "physical":
+        return prune_physically(model, amount) if amount else model
     for layer in prune_targets(model):
         torch_prune.ln_structured(layer, "weight", amount=amount, n=2, dim=0)
         if layer.bias is not None:
             torch_prune.custom_from_mask(layer, "bias", output_mask(layer))
     return model
+
+
+def prune_physically(model, amount=PRUNE_AMOUNT):
+    """Remove the `amount` share of channels/features with torch-pruning, so the network is really smaller.
+
+    Channels coupled through residual connections are pruned together (torch-pruning's dependency graph),
+    ranked by group L2 norm. The scope is the mask mode's: ResNet every conv, ViT only the MLP hidden units;
+    the classifier's class rows are never pruned."""
+    if hasattr(model, "blocks"):
+        hidden = {block.mlp.fc1 for block in model.blocks}
+        ignored = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m not in hidden]
+        unwrapped = [(model.pos_embed, 2)]
+    else:
+        ignored, unwrapped = [model.fc], None
+    device = next(model.parameters()).device
+    example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
+    training = model.training
+    model.eval()  # tracing runs a forward pass: keep BatchNorm statistics as they are
+    pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=amount, ignored_layers=ignored, unwrapped_parameters=unwrapped)
+    pruner.step()
+    return model.train(training)
+
+
+def resize_to_state(model, state):
+    """Give a fresh model's Conv2d/BatchNorm2d/Linear/LayerNorm modules the shapes of a physically pruned state."""
+    for name, module in model.named_modules():
+        tensors = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+        for key, tensor in tensors.items():
+            shape = state.get(f"{name}.{key}" if name else key, tensor).shape
+            if shape != tensor.shape:
+                resized = torch.empty(shape, dtype=tensor.dtype)
+                setattr(module, key, nn.Parameter(resized) if isinstance(tensor, nn.Parameter) else resized)
+        if isinstance(module, nn.Conv2d):
+            module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
+        elif isinstance(module, nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+        elif isinstance(module, nn.BatchNorm2d):
+            module.num_features = module.running_mean.shape[0]
+        elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+            module.normalized_shape = tuple(module.weight.shape)
+    return model
+
+
+def model_cost(model):
+    """Parameter count and multiply-accumulates of model on one 32x32 image (torch-pruning's counter)."""
+    example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=next(model.parameters()).device)
+    macs, params = tp.utils.count_ops_and_params(model, example)
+    return {"params": int(params), "macs": int(macs)}
 
 
 def output_mask(layer):
@@ -640,6 +700,8 @@ def load_checkpoint(path, device="cpu", arch=None):
     if arch is not None and meta["arch"] != arch:
         raise UserError(f"{path} holds a {meta['arch']} model, not {arch}: pass --arch {meta['arch']} or other weights")
     model = build_model(meta["arch"], meta.get("preset", "full"))
+    if meta.get("prune_mode") == "physical":
+        resize_to_state(model, state)
     model.load_state_dict(state)
     return model.to(device), meta
 
@@ -687,6 +749,9 @@ def add_method_arguments(parser):
     parser.add_argument("--weights", help="original model to unlearn from (default: model_weights/{arch}_original.pth)")
     parser.add_argument("--prune-amount", type=float, default=PRUNE_AMOUNT,
                         help="share of output channels/features pruned per layer (default: 0.5)")
+    parser.add_argument("--prune-mode", default="mask", choices=PRUNE_MODES,
+                        help="mask: zero pruned channels in place, as in the paper; physical: remove them with "
+                             "torch-pruning, so training and inference run on a smaller network (default: mask)")
     parser.add_argument("--lora-rank", type=int, help="LoRA rank (default: 8 for resnet50, 16 for vit)")
     parser.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: 16 for resnet50, 32 for vit)")
     parser.add_argument("--lora-dropout", type=float, help="LoRA dropout (default: 0.1)")
@@ -723,6 +788,7 @@ class Context:
     batch_size: int
     original: nn.Module | None = None
     prune_amount: float | None = None
+    prune_mode: str | None = None
     lora: LoraSettings | None = None
     hyperparameters: dict | None = None  # a method's own settings, saved in the checkpoint's meta
 
@@ -738,9 +804,10 @@ class Context:
         return normalize(self.data.train_images[:2])
 
     def prune(self, model):
-        """Prune model by --prune-amount, recording it in the checkpoint's meta."""
+        """Prune model by --prune-amount and --prune-mode, recording both in the checkpoint's meta."""
         self.prune_amount = self.args.prune_amount
-        return prune(model, self.prune_amount)
+        self.prune_mode = getattr(self.args, "prune_mode", "mask")
+        return prune(model, self.prune_amount, self.prune_mode)
 
     def add_lora(self, model):
         """Attach LoRA adapters configured by the arch's defaults and the --lora-* flags."""
@@ -782,6 +849,7 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain):
                         f"or pass --weights PATH")
     device = torch.device(args.device)
     model, source_meta = load_checkpoint(source, device, arch=args.arch)
+    model = to_device(model, device)
     if source_meta.get("preset", "full") != args.preset:
         raise UserError(f"{source} was trained with --preset {source_meta.get('preset')}, not {args.preset}")
     data = load_cifar10(args.data, device, args.preset)
@@ -797,7 +865,8 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain):
     model = finalize(model)
     meta = run_meta(args, spec, ctx.epochs, ctx.lr, ctx.batch_size, len(splits.retain_idx), measure)
     meta.update(source_weights=str(source), prune_amount=ctx.prune_amount,
-                prune_mode="mask" if ctx.prune_amount else None, lora=asdict(ctx.lora) if ctx.lora else None)
+                prune_mode=(ctx.prune_mode or "mask") if ctx.prune_amount else None,
+                lora=asdict(ctx.lora) if ctx.lora else None, **model_cost(model))
     if ctx.hyperparameters:
         meta["hyperparameters"] = ctx.hyperparameters
     save_checkpoint(out, model, meta)
@@ -838,9 +907,7 @@ def run_from_scratch(method, doc, argv=None):
         recipe = with_overrides(PRETRAIN_RECIPES[args.arch], args,
                                 {"epochs": SMOKE["pretrain_epochs"], "batch_size": SMOKE["batch_size"]})
         seed_everything(args.seed)
-        model = build_model(args.arch, args.preset).to(device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+        model = to_device(build_model(args.arch, args.preset), device)
         with Measure(device) as measure:
             train_from_scratch(model, data, idx, recipe, args.seed, desc=method)
         meta = run_meta(args, spec, recipe["epochs"], recipe["lr"], recipe["batch_size"], len(idx), measure)
