@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_script
 
 import common
@@ -112,3 +113,15 @@ def test_unknown_method_is_a_one_line_error(workdir, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: unknown method 'nosuch'") and err.count("\n") == 1
     assert not (workdir / "results").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without a GPU")
+def test_without_gpu_defaults_to_smoke_with_one_seed(capsys):
+    args = reproduce.parse_args([])
+    reproduce.resolve_defaults(args)
+    assert (args.preset, args.seeds, args.arch) == ("smoke", [0], ["resnet50", "vit"])
+    assert capsys.readouterr().out.startswith("No GPU found: running the smoke preset")
+    args = reproduce.parse_args(["--preset", "full"])
+    reproduce.resolve_defaults(args)
+    assert (args.preset, args.seeds) == ("full", [0, 1, 2])
+    assert "very slow" in capsys.readouterr().err
