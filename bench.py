@@ -8,11 +8,12 @@ for the same epochs: (a) "reference": a PIL-decoding Dataset with ToTensor + Nor
 DataLoader(batch_size=128, shuffle=True, num_workers=2), fp32, loss.item() every step, as the original
 scripts do; (b) "project": common.train on device-resident uint8 batches (bf16 autocast, fused Adam and
 channels-last on GPU). pruneft and loraprune also run with --prune-mode physical (project loop only),
-with their parameter and MAC counts. Pretraining throughput and the time of evaluate_model (UA, RA, TA,
-MIA) are measured once per arch. Writes bench/results.json and bench/results.md.
+with their parameter and MAC counts. Pretraining throughput and the time evaluate.py takes on one
+checkpoint (UA, RA, TA, MIA-efficacy) are measured once per arch. Writes bench/results.json and results.md.
 """
 import copy
 import datetime
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -155,11 +156,12 @@ def bench_pretraining(args, arch, data):
 
 
 def bench_evaluation(args, arch, source, data, splits):
-    """Seconds of evaluate_model (UA, RA, TA, MIA-efficacy) on one model, train and test images predicted."""
-    device = torch.device(args.device)
-    model = common.to_device(copy.deepcopy(source), device)
-    with common.Measure(device) as measure:
-        common.evaluate_model(model, data, splits)
+    """Seconds of evaluate.py's work on one checkpoint: load it, predict train and test images, UA/RA/TA/MIA."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{arch}.pth"
+        common.save_checkpoint(path, source, {"arch": arch, "preset": args.preset, "method": "original"})
+        with common.Measure(args.device) as measure:
+            common.evaluate_checkpoint(path, args.data, args.device, data_cache={(args.data, args.preset): data})
     images = len(data.train_labels) + len(splits.test_idx)
     return {"arch": arch, "task": "evaluate", "style": "project", "seconds": measure.seconds,
             "images_per_s": images / measure.seconds, "peak_gpu_mem_mb": measure.peak_gpu_mem_mb}
@@ -196,11 +198,12 @@ def print_row(row):
 
 
 def write_results(out, results):
+    limit = f", first {results['limit']} training images" if results["limit"] else ""
     common.write_json(out / "results.json", results)
     ratios = "\n".join(f"- {arch}: loraprune (physical) / finetune time = {common.format_cell(ratio)}"
                        for arch, ratio in results["physical_over_finetune"].items())
     text = (f"# Benchmark\n\n- device: {results['device']}\n- date: {results['date']}\n- torch: {results['torch']}\n"
-            f"- data: {results['data']} (preset {results['preset']}), {results['epochs']} epoch(s)\n"
+            f"- data: {results['data']} (preset {results['preset']}{limit}), {results['epochs']} epoch(s)\n"
             f"- compile: {results['compile']}\n\n{common.markdown_table(results['rows'], COLUMNS)}\n\n{ratios}\n")
     (out / "results.md").write_text(text)
 
@@ -216,12 +219,17 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--compile", action="store_true", help="torch.compile the project-loop runs (compile time "
                                                                  "reported separately)")
+    parser.add_argument("--limit", type=int, help="use only the first LIMIT training and LIMIT/5 test images "
+                                                   "(full-size models on a CPU)")
     parser.add_argument("--out", default="bench", help="folder for results.json and results.md (default: bench)")
     args = parser.parse_args(argv)
     if args.epochs is None:
         args.epochs = common.SMOKE["epochs"] if args.preset == "smoke" else common.PAPER_RECIPE["epochs"]
     out = Path(args.out)
     data_cpu = common.load_cifar10(args.data, "cpu", args.preset)
+    if args.limit:
+        data_cpu = common.CIFAR10(data_cpu.train_images[:args.limit], data_cpu.train_labels[:args.limit],
+                                  data_cpu.test_images[:args.limit // 5], data_cpu.test_labels[:args.limit // 5])
     data = common.CIFAR10(*(getattr(data_cpu, f).to(args.device) for f in common.CIFAR10.__dataclass_fields__))
     splits = common.make_splits(data.train_labels, data.test_labels, common.ForgetSpec())
     batch_size = common.SMOKE["batch_size"] if args.preset == "smoke" else common.PAPER_RECIPE["batch_size"]
@@ -238,7 +246,7 @@ def main(argv=None):
             rows.append(row)
             print_row(row)
     results = {"device": common.device_name(args.device), "date": datetime.date.today().isoformat(),
-               "torch": str(torch.__version__), "data": args.data_label, "preset": args.preset,
+               "torch": str(torch.__version__), "data": args.data_label, "preset": args.preset, "limit": args.limit,
                "epochs": args.epochs, "compile": args.compile, "weights": sources, "batch_size": batch_size,
                "torch_threads": torch.get_num_threads(), "numpy": np.__version__,
                "physical_over_finetune": {arch: physical_ratio(rows, arch) for arch in args.arch}, "rows": rows}
