@@ -289,19 +289,24 @@ def plot_tradeoff(path, title, rows):
     ax = figure.subplots()
     points = [row for row in rows if row["method"] != "original"
               and row["RTE_s"]["mean"] is not None and row["avg_gap"]["mean"] is not None]
+    rank = {row["method"]: i for i, row in enumerate(sorted(points, key=lambda row: row["RTE_s"]["mean"]))}
     for row in points:
         rte, gap = row["RTE_s"], row["avg_gap"]
         ax.errorbar(rte["mean"], gap["mean"], xerr=rte["std"] or 0, yerr=gap["std"] or 0, fmt="o", markersize=8,
                     capsize=4, color=colors[row["method"]],
                     label="retrain (the reference: gap 0)" if row["method"] == "retrain" else row["method"])
-        ax.annotate(row["method"], (rte["mean"], gap["mean"]), textcoords="offset points", xytext=(7, 5))
+        ax.annotate(row["method"], (rte["mean"], gap["mean"]), textcoords="offset points",
+                    xytext=(7, 6 if rank[row["method"]] % 2 == 0 else -14))  # neighbours in RTE: one above, one below
     original = next((row for row in rows if row["method"] == "original"), None)
     if original and original["avg_gap"]["mean"] is not None:
         ax.axhline(original["avg_gap"]["mean"], color=colors["original"], linestyle="--",
                    label="original model (no unlearning)")
     rtes = [row["RTE_s"]["mean"] for row in points if row["RTE_s"]["mean"] > 0]
+    ax.margins(x=0.12)
     if rtes and max(rtes) / min(rtes) > 20:
         ax.set_xscale("log")
+    else:
+        ax.set_xlim(left=0)
     ax.set_xlabel("RTE: run time of the unlearning step (s)")
     ax.set_ylabel("avg. gap to retrain (percentage points, lower is better)")
     top = ax.get_ylim()[1]

@@ -17,7 +17,11 @@ SWEEP = ["--preset", "smoke", "--arch", "resnet50", "--methods", "finetune", "--
 
 @pytest.fixture
 def in_process(monkeypatch):
-    """Run reproduce.py's training subprocesses inside this process: the same scripts, without ~9 s of imports each."""
+    """Run reproduce.py's training subprocesses inside this process: the same scripts, without ~9 s of imports each
+    (and with one epoch of retraining: these tests check the sweep, not the models)."""
+    monkeypatch.setitem(common.SMOKE, "pretrain_epochs", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: extra threads only spin, and cost much when the CPU is shared
     real_run = subprocess.run
 
     def run(command, **kwargs):
@@ -29,6 +33,8 @@ def in_process(monkeypatch):
         return subprocess.CompletedProcess(command, status, output.getvalue(), None)
 
     monkeypatch.setattr(subprocess, "run", run)
+    yield
+    torch.set_num_threads(threads)
 
 
 def table_rows(markdown):
