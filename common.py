@@ -728,6 +728,22 @@ def write_json(path, obj):
 
 # ----------------------------------------------------------------------------------- script plumbing
 
+def torch_device(name):
+    """argparse type: a torch device that exists on this machine."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{name} asked for, but this machine has no CUDA GPU")
+    return str(device)
+
+
+def add_device_argument(parser):
+    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda if available, else cpu)")
+
+
 def add_common_arguments(parser):
     """Flags shared by every training script."""
     parser.add_argument("--arch", default="resnet50", choices=ARCHS, help="model (default: resnet50)")
@@ -737,8 +753,7 @@ def add_common_arguments(parser):
     parser.add_argument("--batch-size", type=int, help="batch size (default: the recipe's)")
     parser.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of init, shuffling and dropout (default: 0)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (default: cuda if available, else cpu)")
+    add_device_argument(parser)
     parser.add_argument("--out", help="checkpoint to write (default: model_weights/{arch}_{method}.pth)")
     parser.add_argument("--preset", default="full", choices=PRESETS,
                         help="full: the paper's settings; smoke: a tiny CPU configuration for checks (default: full)")
