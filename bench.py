@@ -228,7 +228,7 @@ def main(argv=None):
     parser.add_argument("--preset", default="full", choices=common.PRESETS, help="full or smoke (default: full)")
     parser.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (default: data)")
     parser.add_argument("--data-label", default="CIFAR-10 (JPEG copy)", help="what the data is, for the table")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    common.add_device_argument(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile the project-loop runs (compile time "
                                                                  "reported separately)")
     parser.add_argument("--limit", type=int, help="use only the first LIMIT training and LIMIT/5 test images "

@@ -13,7 +13,6 @@ import runpy
 import sys
 from pathlib import Path
 
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -114,7 +113,7 @@ def main(argv=None):
     parser.add_argument("--weights", help="original model (default: model_weights/{arch}_original.pth)")
     parser.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (default: data)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every step and of the MIA (default: 0)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    common.add_device_argument(parser)
     parser.add_argument("--preset", default="full", choices=common.PRESETS,
                         help="full: the paper's settings; smoke: a tiny CPU configuration (default: full)")
     args = parser.parse_args(argv)

@@ -354,8 +354,7 @@ def parse_args(argv):
     parser.add_argument("--data-label", default=DEFAULT_DATA_LABEL,
                         help=f"name of the data set in table headers (default: {DEFAULT_DATA_LABEL})")
     common.add_forget_arguments(parser)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device of every step (default: cuda if available, else cpu)")
+    common.add_device_argument(parser)
     parser.add_argument("--force", action="store_true",
                         help="rerun runs that are done (the original model is re-evaluated, not retrained)")
     return parser.parse_args(argv)
@@ -364,8 +363,6 @@ def parse_args(argv):
 def resolve_defaults(args):
     """Fill in --preset and --seeds from the device, saying so when the CPU fallback applies."""
     on_gpu = torch.device(args.device).type == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        raise common.UserError(f"--device {args.device} but no GPU was found; pass --device cpu")
     if args.preset is None and not on_gpu:
         print("No GPU found: running the smoke preset (tiny models, a few images per class, seed 0) on CPU; "
               "pass --preset full for the paper's settings.")
