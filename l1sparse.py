@@ -4,7 +4,7 @@
 
 Unlearn-Sparse's FT_prune (optim/unlearn/FT.py): in epoch e the loss is CE + alpha * (1 - e / (E - no_l1)) * |w|_1
 for e < E - no_l1 and plain CE after. Defaults: 10 epochs, lr 0.01, batch 256, SGD with momentum 0.9 and weight
-decay 5e-4 (README.MD, arg_parser.py); alpha 1e-4 (see docs_baselines.md).
+decay 5e-4 (README.MD, arg_parser.py); alpha 1e-4 (the README section Baselines gives its source).
 """
 import common
 
