@@ -202,9 +202,9 @@ class ForgetSpec:
 
     @property
     def tag(self):
-        """Short name for file names: class3, class3-5, random10."""
+        """Short name for file names: class3, class3-5, random10 (random10-seed1 for another forget seed)."""
         if self.random_fraction is not None:
-            return f"random{round(self.random_fraction * 100):g}"
+            return f"random{self.random_fraction * 100:g}" + (f"-seed{self.seed}" if self.seed else "")
         return "class" + "-".join(str(c) for c in self.classes)
 
     def to_dict(self):
