@@ -251,7 +251,7 @@ def forget_spec_from_args(args):
         return None
     if len(set(args.forget_class)) == NUM_CLASSES:
         raise UserError("cannot forget every class: nothing would be left to retain")
-    return ForgetSpec(tuple(sorted(set(args.forget_class))), None, args.forget_seed)
+    return ForgetSpec(tuple(sorted(set(args.forget_class))))  # the forget seed only draws random subsets
 
 
 def add_forget_arguments(parser):
