@@ -7,6 +7,7 @@ method script. Run any script with --help, e.g.
 """
 import argparse
 import contextlib
+import copy
 import datetime
 import json
 import os
@@ -821,7 +822,7 @@ class Context:
     def prune(self, model):
         """Prune model by --prune-amount and --prune-mode, recording both in the checkpoint's meta."""
         self.prune_amount = self.args.prune_amount
-        self.prune_mode = getattr(self.args, "prune_mode", "mask")
+        self.prune_mode = self.args.prune_mode
         return prune(model, self.prune_amount, self.prune_mode)
 
     def add_lora(self, model):
@@ -873,14 +874,14 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain):
                             {"epochs": SMOKE["epochs"], "batch_size": SMOKE["batch_size"]})
     ctx = Context(args, data, splits, spec, device, recipe["epochs"], recipe["lr"], recipe["batch_size"])
     if getattr(args, "needs_original", False):
-        ctx.original, _ = load_checkpoint(source, device)
+        ctx.original = copy.deepcopy(model)
     seed_everything(args.seed)
     with Measure(device) as measure:
         model = fit(unlearn(model, ctx), ctx)
     model = finalize(model)
     meta = run_meta(args, spec, ctx.epochs, ctx.lr, ctx.batch_size, len(splits.retain_idx), measure)
     meta.update(source_weights=str(source), prune_amount=ctx.prune_amount,
-                prune_mode=(ctx.prune_mode or "mask") if ctx.prune_amount else None,
+                prune_mode=ctx.prune_mode if ctx.prune_amount else None,
                 lora=asdict(ctx.lora) if ctx.lora else None, **model_cost(model))
     if ctx.hyperparameters:
         meta["hyperparameters"] = ctx.hyperparameters
