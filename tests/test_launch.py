@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import submitit
+import torch
 
 import common
 import launch
@@ -101,6 +102,20 @@ def test_a_failing_unit_is_reported_and_the_others_finish(tmp_path, monkeypatch,
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1
     assert "unit bad failed: exit status 3" in errors[0] and str(tmp_path / "logs" / "bad.log") in errors[0]
+
+
+@pytest.mark.parametrize("listed, expected", [(None, ["0", "1"]), ("3,5", ["3", "5"]),
+                                              ("GPU-a,GPU-b,GPU-c", ["GPU-a", "GPU-b"])])
+def test_default_workers_are_one_per_visible_gpu_named_as_the_driver_names_it(monkeypatch, listed, expected):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    if listed is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", listed)
+    assert launch.worker_devices(parse("--launcher", "local", "--device", "cuda")) == expected
+    assert launch.worker_devices(parse("--launcher", "local", "--device", "cuda", "--workers-per-gpu", 2)) == [
+        *expected, *expected]
+    assert launch.worker_devices(parse("--launcher", "local", "--device", "cpu", "--workers", 3)) == [None] * 3
 
 
 @pytest.mark.parametrize("flags, message", [
