@@ -318,16 +318,50 @@ def prune_targets(model):
 def prune(model, amount=PRUNE_AMOUNT, mode="mask"):
     """Zero the `amount` share of output channels/features with the smallest L2 norm, per layer.
 
-    The mask stays attached (torch.nn.utils.prune), so pruned weights stay exactly zero while training;
-    a layer's bias entries of pruned outputs are masked too, so a pruned unit outputs exactly zero.
-    mode="physical" removes the channels instead (prune_physically)."""
+    The mask stays attached (torch.nn.utils.prune), so pruned weights stay exactly zero while training.
+    A layer's bias entries of pruned outputs are masked too, and so are the weight and bias of the BatchNorm
+    that normalises its output (every ResNet conv has one), so a pruned unit outputs exactly zero after its
+    normalisation, in train and eval mode. mode="physical" removes the channels instead (prune_physically)."""
     if mode == "physical":
         return prune_physically(model, amount) if amount else model
-    for layer in prune_targets(model):
+    layers = prune_targets(model)
+    norms = batchnorm_after(model, layers)
+    for layer in layers:
         torch_prune.ln_structured(layer, "weight", amount=amount, n=2, dim=0)
+        mask = output_mask(layer)
         if layer.bias is not None:
-            torch_prune.custom_from_mask(layer, "bias", output_mask(layer))
+            torch_prune.custom_from_mask(layer, "bias", mask)
+        if layer in norms:
+            for name in ("weight", "bias"):
+                torch_prune.custom_from_mask(norms[layer], name, mask)
     return model
+
+
+def batchnorm_after(model, layers):
+    """{layer: the BatchNorm that directly normalises its output}, found by tracing one forward pass."""
+    outputs, found = {}, {}
+
+    def remember_output(layer, inputs, output):
+        outputs[layer] = output
+
+    def match_input(norm, inputs):
+        for layer, output in outputs.items():
+            if inputs[0] is output:
+                found[layer] = norm
+
+    hooks = [layer.register_forward_hook(remember_output) for layer in layers]
+    hooks += [m.register_forward_pre_hook(match_input) for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=next(model.parameters()).device)
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)  # eval mode: the BatchNorm statistics stay as they are
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(training)
+    return found
 
 
 def prune_physically(model, amount=PRUNE_AMOUNT):
@@ -381,7 +415,7 @@ def model_cost(model):
 
 def output_mask(layer):
     """1 for each output channel/feature of a pruned layer that survives, 0 for each pruned one."""
-    return layer.weight_mask.flatten(1).amax(1)
+    return layer.weight_mask.reshape(len(layer.weight_mask), -1).amax(1)
 
 
 def pruned_layers(model):
