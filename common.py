@@ -65,6 +65,7 @@ LORA_DEFAULTS = {
 }
 PRUNE_AMOUNT = 0.5
 PRUNE_MODES = ("mask", "physical")
+BATCHNORM_MODES = ("train", "frozen")
 EVAL_BATCH_SIZE = 1024
 MIA_MAX_SAMPLES = 5000
 
@@ -573,13 +574,18 @@ def saliency_mask(model, batches, share):
 
 
 def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, optimizer=None, scheduler=None,
-          before_step=None, desc="train"):
+          before_step=None, desc="train", freeze_batchnorm=False):
     """The one training loop: Adam + cross-entropy by default, bf16 autocast on GPU, no host syncs per step.
 
-    loss_fn(model, inputs, labels) -> scalar; before_step() runs between backward and the optimizer step."""
+    loss_fn(model, inputs, labels) -> scalar; before_step() runs between backward and the optimizer step.
+    freeze_batchnorm keeps BatchNorm layers in eval mode: they normalise with, and keep, their running statistics."""
     device = next(model.parameters()).device
     optimizer = optimizer or make_adam((p for p in model.parameters() if p.requires_grad), lr)
     model.train()
+    if freeze_batchnorm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     for epoch in range(epochs):
         for inputs, labels in tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=None):
             with autocast(device):
@@ -865,9 +871,21 @@ class Context:
         return add_lora(model, self.lora, self.example_input())
 
 
+def add_batchnorm_argument(parser):
+    """--bn of the LoRA scripts: whether BatchNorm statistics may move while the adapters train."""
+    parser.add_argument("--bn", default="train", choices=BATCHNORM_MODES,
+                        help="train: BatchNorm layers run in train mode, so their running statistics move to the "
+                             "retain set's, as in the paper's scripts; frozen: they stay in eval mode and keep the "
+                             "original model's statistics (default: train; the ViT has no BatchNorm)")
+
+
 def train_on_retain(model, ctx):
-    """The paper's training step: cross-entropy on the retain set."""
-    return train(model, ctx.retain_batches(), ctx.epochs, ctx.lr, desc=ctx.args.method)
+    """The paper's training step: cross-entropy on the retain set (BatchNorm in eval mode under --bn frozen)."""
+    batchnorm = getattr(ctx.args, "bn", None)  # only the LoRA scripts have --bn
+    if batchnorm is not None:
+        ctx.hyperparameters = {**(ctx.hyperparameters or {}), "bn": batchnorm}
+    return train(model, ctx.retain_batches(), ctx.epochs, ctx.lr, desc=ctx.args.method,
+                 freeze_batchnorm=batchnorm == "frozen")
 
 
 def run_method(method, unlearn, doc, argv=None, add_arguments=None, fit=train_on_retain):
