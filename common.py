@@ -653,13 +653,15 @@ class Measure:
 
 @torch.no_grad()
 def predict(model, images, idx, batch_size=EVAL_BATCH_SIZE):
-    """Softmax probabilities of model on images[idx], float32 [len(idx), classes]."""
+    """Softmax probabilities of model on images[idx], float32 [len(idx), classes].
+
+    Runs in fp32, without the training loop's bf16 autocast, as the methods' official evaluations do: every
+    metric (arg-max, the MIA's confidences) comes from fp32 logits."""
     model.eval()
     device = next(model.parameters()).device
     probs = []
     for start in range(0, len(idx), batch_size):
-        with autocast(device):
-            logits = model(normalize(images[idx[start:start + batch_size]]))
+        logits = model(normalize(images[idx[start:start + batch_size]]))
         probs.append(logits.float().softmax(1))
     return torch.cat(probs) if probs else torch.zeros(0, NUM_CLASSES, device=device)
 
