@@ -628,6 +628,35 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def warm_up(model, inputs, labels):
+    """One untimed forward and backward pass (bf16 autocast on GPU, train mode), so that CUDA, cuBLAS and cuDNN
+    start-up falls outside the RTE. The model is left exactly as it was: its buffers (BatchNorm statistics) and
+    the RNG states (dropout) are restored, the gradients cleared, and no optimizer steps."""
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(inputs.device) if inputs.is_cuda else None
+    training = model.training
+    model.train()
+    with autocast(inputs.device):
+        loss = cross_entropy(model, inputs, labels)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng, inputs.device)
+        torch.cuda.synchronize(inputs.device)
+    model.train(training)
+
+
+def warm_up_on(model, data, idx, batch_size):
+    """warm_up on the first batch_size images of images[idx] (no shuffling, so no batch generator moves)."""
+    first = idx[:batch_size]
+    warm_up(model, normalize(data.train_images[first]), data.train_labels[first])
+
+
 class Measure:
     """Times a block (device synchronised) and records its peak GPU memory; `with Measure(device) as m:`."""
 
@@ -930,6 +959,7 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain):
     if getattr(args, "needs_original", False):
         ctx.original = copy.deepcopy(model)
     seed_everything(args.seed)
+    warm_up_on(model, data, splits.retain_idx, ctx.batch_size)
     with Measure(device) as measure:
         model = fit(unlearn(model, ctx), ctx)
     model = finalize(model)
@@ -978,6 +1008,7 @@ def run_from_scratch(method, doc, argv=None):
                                 {"epochs": SMOKE["pretrain_epochs"], "batch_size": SMOKE["batch_size"]})
         seed_everything(args.seed)
         model = to_device(build_model(args.arch, args.preset), device)
+        warm_up_on(model, data, idx, recipe["batch_size"])
         with Measure(device) as measure:
             train_from_scratch(model, data, idx, recipe, args.seed, desc=method)
         meta = run_meta(args, spec, recipe["epochs"], recipe["lr"], recipe["batch_size"], len(idx), measure)
