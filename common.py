@@ -1027,11 +1027,14 @@ def run_from_scratch(method, doc, argv=None):
 METRIC_KEYS = ("UA", "RA", "TA", "MIA_efficacy")
 
 
-def evaluate_checkpoint(path, data_root, device, spec=None, seed=0, data_cache=None):
+def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cache=None):
     """Metrics of one checkpoint as a dict with keys path, arch, method, UA, RA, TA, MIA_efficacy, RTE_s,
     peak_gpu_mem_mb (and forget, seed, preset). The forget setting is the checkpoint's unless spec is given;
-    a checkpoint without one (the original model) is scored on the default (class 3)."""
+    a checkpoint without one (the original model) is scored on the default (class 3). The MIA draws its
+    samples with the seed recorded in the checkpoint unless seed is given."""
     model, meta = load_checkpoint(path, device)
+    if seed is None:
+        seed = meta.get("seed") or 0
     spec = spec or (ForgetSpec.from_dict(meta["forget"]) if meta.get("forget") else ForgetSpec())
     preset = meta.get("preset", "full")
     cache = {} if data_cache is None else data_cache

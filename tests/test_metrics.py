@@ -1,6 +1,9 @@
+import json
+
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 from torch import nn
 
 import common
@@ -104,3 +107,21 @@ def test_predict_runs_in_fp32_even_where_training_uses_bf16_autocast(data, monke
     probs = common.predict(model, data.test_images, torch.arange(len(data.test_labels)), batch_size=64)
     assert probs.dtype == torch.float32
     assert seen == [(False, torch.float32)] * 2
+
+
+def test_evaluate_and_evaluate_checkpoint_draw_the_mia_with_the_checkpoints_seed(original_weights, cifar_dir,
+                                                                                 workdir):
+    model, meta = common.load_checkpoint(original_weights("vit"))
+    path = workdir / "seed3.pth"
+    common.save_checkpoint(path, model, {**meta, "seed": 3})
+
+    def mia(*flags):
+        assert run_script("evaluate.py", path, "--data", cifar_dir, "--device", "cpu", "--json", "eval.json",
+                          *flags) == 0
+        return json.loads((workdir / "eval.json").read_text())[0]["MIA_efficacy"]
+
+    recorded = common.evaluate_checkpoint(path, cifar_dir, "cpu")["MIA_efficacy"]
+    assert recorded == common.evaluate_checkpoint(path, cifar_dir, "cpu", seed=3)["MIA_efficacy"]
+    assert mia() == recorded
+    seed0 = common.evaluate_checkpoint(path, cifar_dir, "cpu", seed=0)["MIA_efficacy"]
+    assert mia("--seed", "0") == seed0 != recorded
