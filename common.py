@@ -553,18 +553,27 @@ def l1_norm(model):
     return sum(p.abs().sum() for p in model.parameters() if p.requires_grad)
 
 
-def saliency_mask(model, batches, share):
+def saliency_mask(model, batches, share, step_lr=None):
     """SalUn's weight saliency: {parameter name: bool mask shaped like it}, True for the `share` of all trainable
-    weights (one ranking across the model) with the largest |gradient of the cross-entropy summed over batches|."""
+    weights (one ranking across the model) with the largest |gradient of the forget loss -CE summed over batches|,
+    in eval mode. By default every gradient is taken at the model's weights (the SalUn paper's equation). With
+    step_lr, a copy of the model takes an SGD step (momentum, weight decay: make_sgd) on -CE after every batch,
+    as a version of SalUn's generate_mask.py does, so the gradients are summed along that path; the model itself
+    is left unchanged either way."""
+    if step_lr is not None:
+        model = copy.deepcopy(model)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = make_sgd(params.values(), step_lr) if step_lr is not None else None
     saliency = {name: torch.zeros_like(p) for name, p in params.items()}
     model.eval()
     for inputs, labels in batches:
         model.zero_grad(set_to_none=True)
-        cross_entropy(model, inputs, labels).backward()
+        (-cross_entropy(model, inputs, labels)).backward()
         for name, p in params.items():
             if p.grad is not None:
                 saliency[name] += p.grad
+        if optimizer is not None:
+            optimizer.step()
     model.zero_grad(set_to_none=True)
     flat = torch.cat([s.abs().flatten() for s in saliency.values()])
     keep = torch.zeros_like(flat, dtype=torch.bool)
