@@ -915,7 +915,7 @@ def add_batchnorm_argument(parser):
     """--bn of the LoRA scripts: whether BatchNorm statistics may move while the adapters train."""
     parser.add_argument("--bn", default="train", choices=BATCHNORM_MODES,
                         help="train: BatchNorm layers run in train mode, so their running statistics move to the "
-                             "retain set's, as in the paper's scripts; frozen: they stay in eval mode and keep the "
+                             "retain set's (the paper's behaviour); frozen: they stay in eval mode and keep the "
                              "original model's statistics (default: train; the ViT has no BatchNorm)")
 
 

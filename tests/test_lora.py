@@ -84,6 +84,10 @@ def test_merged_model_reproduces_adapted_outputs(arch, pruned, cifar_dir):
     if pruned:
         for layer in common.prune_targets(merged):
             assert (layer.weight.flatten(1).abs().sum(1) == 0).sum() == round(0.5 * layer.weight.shape[0])
+        assert not common.pruned_layers(merged)
+        for conv, norm in common.batchnorm_after(merged, common.prune_targets(merged)).items():
+            zero = conv.weight.flatten(1).abs().sum(1) == 0  # the BatchNorm masks survive the merge
+            assert torch.all(norm.weight[zero] == 0) and torch.all(norm.bias[zero] == 0)
 
 
 def test_adapter_that_is_never_called_is_refused():
