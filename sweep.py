@@ -168,13 +168,13 @@ def model_sha256(checkpoint):
 
 @functools.cache
 def code_version():
-    """{"commit", "dirty"} of this checkout (dirty: a Python file or requirements.txt differs from the commit);
-    both None outside a git checkout."""
+    """{"commit", "dirty"} of this checkout (dirty: a Python file outside tests/ or requirements.txt differs from
+    the commit or is untracked); both None outside a git checkout."""
     def git(*command):
         return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--", "*.py", "requirements.txt"))
+        dirty = bool(git("status", "--porcelain", "--", "*.py", "requirements.txt", ":(exclude)tests"))
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit, "dirty": dirty}
