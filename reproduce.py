@@ -122,16 +122,21 @@ def check_methods(methods):
                                    f"available: {' '.join(available)}")
 
 
-def run_units(plan, units, args, argv):
-    """Run the units that are not done, in order, within --time-budget; returns the units left to run."""
+def run_units(plan, units, args, argv, started):
+    """Run the units that are not done, in order, within --time-budget counted from time.monotonic() value
+    started; returns the units left to run."""
     stale = plan.stale(units)
     for run, keys in stale:
         print(f"differs from this plan in {', '.join(keys)}: {run.record}")
     if stale and not (args.force or args.rerun_stale):
         raise common.UserError(f"{len(stale)} run record(s) on file differ from this plan (listed above) and are not "
                                f"reused; rerun them with: python reproduce.py {shlex.join([*argv, '--rerun-stale'])}")
+    elsewhere = plan.reused_from_elsewhere(units)
+    if elsewhere:
+        print(f"reusing {len(elsewhere)} record(s) made by other code, on another device, with other library "
+              f"versions or under another data label (the tables show the records' own; --force reruns): "
+              f"{' '.join(run.record.stem for run in elsewhere)}")
     records = sweep.all_records()
-    started = time.monotonic()
     left = []
     for i, unit in enumerate(units, start=1):
         prefix = f"[{i}/{len(units)}] {unit.name}"
@@ -411,8 +416,10 @@ def resolve_defaults(args):
     args.methods = list(dict.fromkeys(args.methods))
 
 
-def interruptible(work):
-    """Run work(); on Ctrl-C or SIGTERM, exit 128 + the signal's number (the running child is stopped first)."""
+def interruptible(work, kept):
+    """Run work(); on Ctrl-C or SIGTERM, exit 128 + the signal's number (the running child is stopped first).
+
+    kept: the list of records written so far by this call."""
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, sweep.raise_interrupted) if in_main_thread else None
     try:
@@ -420,7 +427,8 @@ def interruptible(work):
     except (KeyboardInterrupt, sweep.Interrupted) as stop:
         signum = getattr(stop, "signum", signal.SIGINT)
         print(f"interrupted by {signal.Signals(signum).name}: the running step was stopped and left no record; "
-              f"every finished record is kept; the same command resumes", file=sys.stderr)
+              f"kept the {len(kept)} record(s) this call finished and every earlier one; the same command resumes",
+              file=sys.stderr)
         sys.exit(128 + signum)
     finally:
         if in_main_thread:
@@ -428,6 +436,7 @@ def interruptible(work):
 
 
 def main(argv=None):
+    started = time.monotonic()
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     args = parse_args(argv)
     spec = common.forget_spec_from_args(args) or common.ForgetSpec()
@@ -444,7 +453,7 @@ def main(argv=None):
         print(f"{len(selected)} units: {' '.join(args.arch)} x seeds {' '.join(map(str, args.seeds))} x "
               f"(original {' '.join(args.methods)} | retrain), preset {args.preset}, "
               f"forget {forget_description(spec)}, device {common.device_name(args.device)}", flush=True)
-        interruptible(lambda: run_units(plan, selected, args, argv))
+        interruptible(lambda: run_units(plan, selected, args, argv, started), plan.kept)
     if args.no_tables:
         return []
     written = [write_results(arch, spec, plan) for arch in args.arch]

@@ -353,6 +353,10 @@ class Sweep:
             return None
         return record.get("model_sha256")
 
+    def check_on_file(self, run):
+        """check(run) against the original model recorded on file for a method run."""
+        return self.check(run, None if run.from_scratch else self.original_hash(run.arch, run.seed))
+
     def needs_run(self, run, original_hash=None):
         return self.args.force or self.check(run, original_hash) != []
 
@@ -362,10 +366,24 @@ class Sweep:
         found = []
         for unit in units:
             for run in unit.runs:
-                original_hash = None if run.from_scratch else self.original_hash(run.arch, run.seed)
-                keys = [key for key in self.check(run, original_hash) or [] if key != "original"]
+                keys = [key for key in self.check_on_file(run) or [] if key != "original"]
                 if keys:
                     found.append((run, keys))
+        return found
+
+    def reused_from_elsewhere(self, units):
+        """Runs of units whose records match the plan but were made by other code, on another device, with other
+        library versions or under another data label: reused, and worth a word."""
+        now = self.expected(units[0].runs[0]) if units else {}
+        found = []
+        for unit in units:
+            for run in unit.runs:
+                if self.check_on_file(run) != []:
+                    continue
+                recorded = read_record(run.record)["fingerprint"]
+                if (any(recorded.get(key) != now[key] for key in ("code", "device", "versions"))
+                        or recorded["data"].get("label") != now["data"]["label"]):
+                    found.append(run)
         return found
 
     def pending(self, unit):

@@ -141,6 +141,12 @@ def test_sweep_writes_records_and_tables_then_rebuilds_them_without_checkpoints(
     assert in_process.started == ["pretrain.py", "finetune.py", "retrain.py"]
     assert sweep_files(workdir) == before
 
+    # another label for the same data: the records are reused, and say so
+    assert run_script("reproduce.py", *SWEEP, "--data", cifar_dir, "--data-label", "relabelled", "--no-tables") == 0
+    assert "reusing 3 record(s) made by other code, on another device, with other library versions or under " \
+           "another data label" in capsys.readouterr().out
+    assert len(in_process.started) == 3 and sweep_files(workdir) == before
+
     # other data: the records are listed and not reused; nothing is trained or overwritten
     other = write_synthetic_cifar(tmp_path_factory.mktemp("other"), seed=1)
     assert run_script("reproduce.py", *SWEEP, "--data", other, "--data-label", "other") == 1
@@ -192,7 +198,7 @@ def test_sigterm_during_a_unit_keeps_finished_records(cifar_dir, workdir, in_pro
     methods = [*SWEEP, "--data", cifar_dir, "--units", "resnet50-s0-methods", "--no-tables"]
     assert run_script("reproduce.py", *methods) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("interrupted by SIGTERM") and "finished record is kept" in err
+    assert err.count("\n") == 1 and err.startswith("interrupted by SIGTERM") and "kept the 1 record(s) this call finished" in err
     original = workdir / "results/runs/resnet50-smoke_original_s0.json"
     assert [path.name for path in (workdir / "results/runs").iterdir()] == [original.name]
     assert not list((workdir / "results/locks").iterdir())
