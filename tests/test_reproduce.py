@@ -167,14 +167,16 @@ def test_sweep_writes_records_and_tables_then_rebuilds_them_without_checkpoints(
     assert report["header"].endswith("· other")
 
 
-def test_sweep_cut_short_by_time_budget_continues_from_records_alone(cifar_dir, workdir, in_process, capsys):
+def test_sweep_cut_short_by_time_budget_continues_from_records_alone(cifar_dir, workdir, in_process, capsys,
+                                                                     monkeypatch):
+    # before anything was timed here, a methods unit (original + finetune) is expected to take 200 s, a retrain 100 s
+    monkeypatch.setitem(sweep.DEFAULT_RUN_SECONDS, ("smoke", "resnet50"), {"scratch": 100, "method": 100})
     assert run_script("reproduce.py", *SWEEP, "--data", cifar_dir, "--time-budget", "1") == 0
     out = capsys.readouterr().out
     assert "2 unit(s) left to run: resnet50-s0-methods resnet50-s0-retrain" in out
     assert in_process.started == [] and not (workdir / "results/runs").exists()
 
-    # smoke defaults: a methods unit (original + finetune) is expected to take 90 s, a retrain unit 60 s
-    assert run_script("reproduce.py", *SWEEP, "--data", cifar_dir, "--time-budget", "80", "--no-tables") == 0
+    assert run_script("reproduce.py", *SWEEP, "--data", cifar_dir, "--time-budget", "150", "--no-tables") == 0
     assert "1 unit(s) left to run: resnet50-s0-methods" in capsys.readouterr().out
     assert in_process.started == ["retrain.py"] and not (workdir / "results/resnet50-smoke.md").exists()
     for checkpoint in (workdir / "model_weights").glob("*.pth"):
@@ -198,7 +200,8 @@ def test_sigterm_during_a_unit_keeps_finished_records(cifar_dir, workdir, in_pro
     methods = [*SWEEP, "--data", cifar_dir, "--units", "resnet50-s0-methods", "--no-tables"]
     assert run_script("reproduce.py", *methods) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("interrupted by SIGTERM") and "kept the 1 record(s) this call finished" in err
+    assert err.count("\n") == 1 and err.startswith("interrupted by SIGTERM")
+    assert "kept the 1 record(s) this call finished" in err
     original = workdir / "results/runs/resnet50-smoke_original_s0.json"
     assert [path.name for path in (workdir / "results/runs").iterdir()] == [original.name]
     assert not list((workdir / "results/locks").iterdir())

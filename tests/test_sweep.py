@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from conftest import run_script
@@ -20,6 +21,28 @@ def dead_pid():
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return process.pid
+
+
+def test_only_data_original_recipe_and_flags_make_a_record_stale(monkeypatch):
+    args = SimpleNamespace(preset="smoke", data="data", device="cpu")
+    run = sweep.make_run("resnet50", "lora", 0, args, common.ForgetSpec())
+    planned = sweep.fingerprint(run, "smoke", "data-hash", "CIFAR-10", "cpu", "original-hash")
+    assert planned["flags"] == ["lora.py", "--arch", "resnet50", "--preset", "smoke", "--seed", "0",
+                                "--forget-class", "3", "--forget-seed", "0"]
+    assert sweep.differences({"fingerprint": planned}, planned) == []
+    elsewhere = {**planned, "code": {"commit": "0" * 40, "dirty": True}, "device": "NVIDIA H100",
+                 "versions": {"torch": "0.1"}, "data": {"sha256": "data-hash", "label": "another label"}}
+    assert sweep.differences({"fingerprint": elsewhere}, planned) == []
+    other_data = {**planned, "data": {"sha256": "other", "label": "CIFAR-10"}}
+    assert sweep.differences({"fingerprint": other_data}, planned) == ["data"]
+    assert sweep.differences({"fingerprint": {**planned, "original": "retrained"}}, planned) == ["original"]
+    other_seed = sweep.fingerprint(sweep.make_run("resnet50", "lora", 1, args, common.ForgetSpec()), "smoke",
+                                   "data-hash", "CIFAR-10", "cpu", "original-hash")
+    assert sweep.differences({"fingerprint": other_seed}, planned) == ["flags"]
+    monkeypatch.setitem(common.PAPER_RECIPE, "lr", 0.5)
+    assert sweep.differences({"fingerprint": planned}, sweep.fingerprint(run, "smoke", "data-hash", "CIFAR-10", "cpu",
+                                                                         "original-hash")) == ["recipe"]
+    assert sweep.differences({"method": "lora"}, planned) == list(sweep.PLAN_KEYS)
 
 
 def test_lock_is_exclusive_and_released(tmp_path):
