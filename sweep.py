@@ -232,8 +232,9 @@ def all_records():
 # ----------------------------------------------------------------------------------------- locks
 
 class UnitLock:
-    """A lock file created atomically (O_CREAT | O_EXCL) holding pid and host; `acquire()` returns None on
-    success, else a description of the holder. A lock left by a dead process on this host is taken over."""
+    """A lock file created atomically (O_CREAT | O_EXCL) holding pid, host and SLURM job id; `acquire()` returns
+    None on success, else a description of the holder. A lock left by a dead process on this host, or by an
+    earlier attempt of this same SLURM job (requeued, perhaps on another node), is taken over."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -246,7 +247,12 @@ class UnitLock:
             return None  # being written by its creator, or just removed
 
     def _stale(self, holder):
-        if not holder or holder.get("host") != socket.gethostname():
+        if not holder:
+            return False
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and holder.get("slurm_job") == job:
+            return True
+        if holder.get("host") != socket.gethostname():
             return False
         try:
             os.kill(holder["pid"], 0)
@@ -271,7 +277,8 @@ class UnitLock:
                 return f"{self.path} by pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
             with os.fdopen(fd, "w") as f:
                 json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                           "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+                           "slurm_job": os.environ.get("SLURM_JOB_ID"), "since": time.strftime("%Y-%m-%d %H:%M:%S")},
+                          f)
             self.held = True
             return None
         return f"{self.path} (contended)"

@@ -58,7 +58,7 @@ def test_lock_is_exclusive_and_released(tmp_path):
     second.release()
 
 
-def test_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
+def test_lock_of_a_dead_process_on_this_host_or_of_this_slurm_job_is_taken_over(tmp_path, monkeypatch):
     path = tmp_path / "unit.lock"
     path.write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname(), "since": "earlier"}))
     lock = sweep.UnitLock(path)
@@ -66,10 +66,15 @@ def test_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
     assert json.loads(path.read_text())["pid"] == os.getpid()
     lock.release()
 
-    other_host = {"pid": dead_pid(), "host": "another-host", "since": "earlier"}
+    other_host = {"pid": dead_pid(), "host": "another-host", "slurm_job": "41", "since": "earlier"}
     path.write_text(json.dumps(other_host))  # whether it lives cannot be told from here
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
     assert "on another-host" in sweep.UnitLock(path).acquire()
     assert json.loads(path.read_text()) == other_host
+
+    monkeypatch.setenv("SLURM_JOB_ID", "41")  # the same job, requeued: its earlier attempt is gone
+    assert sweep.UnitLock(path).acquire() is None
+    assert json.loads(path.read_text())["slurm_job"] == "41"
 
 
 def test_locked_unit_is_skipped(cifar_dir, workdir, capsys):
