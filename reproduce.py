@@ -374,7 +374,8 @@ def parse_args(argv):
                              "(default: full on a GPU, smoke on CPU)")
     parser.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (default: data)")
     parser.add_argument("--data-label", default=DEFAULT_DATA_LABEL,
-                        help=f"name of the data set in table headers (default: {DEFAULT_DATA_LABEL})")
+                        help=f"name of the data set, recorded with each run; table headers show the labels of "
+                             f"their runs (default: {DEFAULT_DATA_LABEL})")
     common.add_forget_arguments(parser)
     common.add_device_argument(parser)
     parser.add_argument("--force", action="store_true",
