@@ -31,7 +31,6 @@ import common
 ROOT = Path(__file__).resolve().parent
 RUNS_DIR = common.RESULTS_DIR / "runs"
 LOCKS_DIR = common.RESULTS_DIR / "locks"
-UNIT_KINDS = ("methods", "retrain")
 # What a record must share with the plan to be reused; a difference in any of them makes it stale. Code
 # version, device and library versions are recorded and shown in the tables, but do not make a record stale.
 PLAN_KEYS = ("data", "original", "recipe", "flags")
@@ -94,6 +93,7 @@ class Run:
 
 @dataclass
 class Unit:
+    """kind "methods": the seed's original model, then each method from it; kind "retrain": retrain alone."""
     arch: str
     seed: int
     kind: str
@@ -124,10 +124,10 @@ def make_run(arch, method, seed, args, spec):
 
 
 def plan_units(args, spec):
-    """Every unit in priority order: archs in order, seeds in order, a seed's methods unit before its retrain."""
+    """Every unit in priority order: resnet50 before vit, seeds in order, a seed's methods unit before its retrain."""
     units = []
-    for arch in args.arch:
-        for seed in args.seeds:
+    for arch in sorted(args.arch, key=common.ARCHS.index):
+        for seed in sorted(args.seeds):
             methods = Unit(arch, seed, "methods", [make_run(arch, m, seed, args, spec)
                                                    for m in ["original", *args.methods]])
             units += [methods, Unit(arch, seed, "retrain", [make_run(arch, "retrain", seed, args, spec)])]
