@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 import common
+import launch
 import sweep
 
 ROOT = Path(__file__).resolve().parent
@@ -122,15 +123,20 @@ def check_methods(methods):
                                    f"available: {' '.join(available)}")
 
 
-def run_units(plan, units, args, argv, started):
-    """Run the units that are not done, in order, within --time-budget counted from time.monotonic() value
-    started; returns the units left to run."""
+def check_stale(plan, units, args, argv):
+    """List the records that differ from the plan; refuse unless --force or --rerun-stale says to rerun them."""
     stale = plan.stale(units)
     for run, keys in stale:
         print(f"differs from this plan in {', '.join(keys)}: {run.record}")
     if stale and not (args.force or args.rerun_stale):
         raise common.UserError(f"{len(stale)} run record(s) on file differ from this plan (listed above) and are not "
                                f"reused; rerun them with: python reproduce.py {shlex.join([*argv, '--rerun-stale'])}")
+
+
+def run_units(plan, units, args, argv, started):
+    """Run the units that are not done, in order, within --time-budget counted from time.monotonic() value
+    started; returns the units left to run."""
+    check_stale(plan, units, args, argv)
     elsewhere = plan.reused_from_elsewhere(units)
     if elsewhere:
         print(f"reusing {len(elsewhere)} record(s) made by other code, on another device, with other library "
@@ -394,9 +400,13 @@ def parse_args(argv):
     tables.add_argument("--no-tables", action="store_true", help="run units, but do not rebuild tables and plots")
     tables.add_argument("--tables-only", action="store_true",
                         help="only rebuild tables and plots from the run records on file")
+    launch.add_launcher_arguments(parser)
     args = parser.parse_args(argv)
     if args.time_budget is not None and args.time_budget < 0:
         parser.error(f"--time-budget must be at least 0 seconds, got {args.time_budget:g}")
+    if args.launcher and (args.time_budget is not None or args.tables_only or args.list_units):
+        parser.error("--launcher runs units in parallel: it does not go with --time-budget, --tables-only or "
+                     "--list-units")
     return args
 
 
@@ -436,6 +446,27 @@ def interruptible(work, kept):
             signal.signal(signal.SIGTERM, previous)
 
 
+def launch_in_parallel(plan, units, args, argv):
+    """Run the units that are not done with --launcher, each as `reproduce.py ... --units NAME --no-tables`.
+
+    Stale records are checked here once, so that no unit starts only to refuse; failed units are a one-line
+    error after the others have finished (the tables are rebuilt from what finished all the same)."""
+    check_stale(plan, units, args, argv)
+    todo = [unit.name for unit in units if args.force or plan.pending(unit)]
+    print(f"{len(units) - len(todo)} unit(s) done (records on file); {len(todo)} to run with --launcher "
+          f"{args.launcher}", flush=True)
+    unit_flags = launch.without_launcher_arguments(argv)
+    failed = launch.launch_units(
+        args, todo, lambda name: [sys.executable, str(ROOT / "reproduce.py"), *unit_flags, "--units", name,
+                                  "--no-tables"])
+    if failed:
+        if not args.no_tables:
+            for arch in args.arch:
+                write_results(arch, plan.spec, plan)
+        raise common.UserError(f"{len(failed)} unit(s) failed: {' '.join(failed)} (logs in {args.log_dir}/); "
+                               f"the same command reruns them")
+
+
 def main(argv=None):
     started = time.monotonic()
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
@@ -454,7 +485,10 @@ def main(argv=None):
         print(f"{len(selected)} units: {' '.join(args.arch)} x seeds {' '.join(map(str, args.seeds))} x "
               f"(original {' '.join(args.methods)} | retrain), preset {args.preset}, "
               f"forget {forget_description(spec)}, device {common.device_name(args.device)}", flush=True)
-        interruptible(lambda: run_units(plan, selected, args, argv, started), plan.kept)
+        if args.launcher:
+            launch_in_parallel(plan, selected, args, argv)
+        else:
+            interruptible(lambda: run_units(plan, selected, args, argv, started), plan.kept)
     if args.no_tables:
         return []
     written = [write_results(arch, spec, plan) for arch in args.arch]

@@ -3,7 +3,9 @@ import io
 import json
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +17,8 @@ import common
 import reproduce
 import sweep
 
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE_PRETRAIN_EPOCHS = common.SMOKE["pretrain_epochs"]
 SWEEP = ["--preset", "smoke", "--arch", "resnet50", "--methods", "finetune", "--seeds", "0", "--device", "cpu"]
 
 
@@ -238,3 +242,36 @@ def test_without_gpu_defaults_to_smoke_with_one_seed(capsys):
     reproduce.resolve_defaults(args)
     assert (args.preset, args.seeds) == ("full", [0, 1, 2])
     assert "very slow" in capsys.readouterr().err
+
+
+def test_local_launcher_matches_the_sequential_sweep_and_reruns_a_killed_unit(cifar_dir, workdir, in_process,
+                                                                              monkeypatch):
+    """Two workers, real processes: a sweep killed (SIGKILL, as on a lost node) half-way through its methods unit
+    is finished by the next call, and gives the table of the sequential sweep."""
+    launched = workdir / "launched"
+    launched.mkdir()
+    command = [sys.executable, str(ROOT / "reproduce.py"), *SWEEP, "--data", str(cifar_dir),
+               "--launcher", "local", "--workers", "2"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(command, cwd=launched, env=environment, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    original_record = launched / "results/runs/resnet50-smoke_original_s0.json"
+    deadline = time.monotonic() + 240
+    while not original_record.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert original_record.is_file()
+    assert not (launched / "results/runs/resnet50-smoke_finetune_s0.json").exists()
+
+    finished = subprocess.run(command, cwd=launched, env=environment, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert "to run with --launcher local" in finished.stdout
+    rerun = (launched / "logs/resnet50-s0-methods.log").read_text().split("===")[-1]
+    assert "resnet50 original seed 0: record on file, done" in rerun and "resnet50 finetune seed 0 ..." in rerun
+
+    monkeypatch.setitem(common.SMOKE, "pretrain_epochs", SMOKE_PRETRAIN_EPOCHS)  # as the real processes ran
+    (workdir / "sequential").mkdir()
+    os.chdir(workdir / "sequential")
+    assert run_script("reproduce.py", *SWEEP, "--data", cifar_dir) == 0
+    assert metric_summary(launched) == metric_summary(workdir / "sequential")
