@@ -11,4 +11,4 @@ def unlearn(model, ctx):
 
 
 if __name__ == "__main__":
-    common.run_method("loraprune", unlearn, __doc__)
+    common.run_method("loraprune", unlearn, __doc__, prunes=True, uses_lora=True)

@@ -345,7 +345,7 @@ def parse_args(argv):
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                         help=f"unlearning scripts {{METHOD}}.py to run, e.g. {' '.join(BASELINES)} "
                              f"(default: {' '.join(DEFAULT_METHODS)})")
-    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+    parser.add_argument("--seeds", nargs="+", type=common.seed_int, metavar="SEED",
                         help="seeds of retrain and every method (default: 0 1 2; 0 under the CPU smoke fallback)")
     parser.add_argument("--preset", choices=common.PRESETS,
                         help="full: the paper's settings; smoke: tiny models on a few images per class "

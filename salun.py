@@ -22,8 +22,6 @@ def unlearn(model, ctx):
 
 def fit(model, ctx):
     share = ctx.args.saliency_share
-    if not 0 < share <= 1:
-        raise common.UserError(f"--saliency-share must lie in (0, 1], got {share}")
     params = dict(model.named_parameters())
     mask = common.saliency_mask(model, ctx.forget_batches(), share)
     frozen = {name: params[name].detach()[~keep].clone() for name, keep in mask.items()}
@@ -49,7 +47,7 @@ def fit(model, ctx):
 
 def add_arguments(parser):
     parser.set_defaults(recipe=RECIPE)
-    parser.add_argument("--saliency-share", type=float, default=0.5,
+    parser.add_argument("--saliency-share", type=common.unit_interval_open_below, default=0.5,
                         help="share of all weights that training may change (default: 0.5)")
 
 
