@@ -515,16 +515,17 @@ class LoraSettings:
 
 
 def lora_settings(arch, args, model):
-    """LoRA settings from the arch's defaults, overridden by --lora-* flags."""
+    """LoRA settings from the arch's defaults, overridden by the --lora-* flags that were given (0 included)."""
     defaults = LORA_DEFAULTS[arch]
     last_block = len(model.blocks) - 1 if hasattr(model, "blocks") else 0
-    targets = args.lora_targets or defaults["targets"].replace("{last}", str(last_block))
-    train_full = defaults["train_full"] if args.lora_train_full is None else args.lora_train_full
+
     def flag_or_default(flag, key):
         value = getattr(args, flag)
         return defaults[key] if value is None else value
     return LoraSettings(flag_or_default("lora_rank", "rank"), flag_or_default("lora_alpha", "alpha"),
-                        flag_or_default("lora_dropout", "dropout"), targets, train_full)
+                        flag_or_default("lora_dropout", "dropout"),
+                        flag_or_default("lora_targets", "targets").replace("{last}", str(last_block)),
+                        flag_or_default("lora_train_full", "train_full"))
 
 
 def add_lora(model, settings, example_input):

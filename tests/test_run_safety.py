@@ -77,15 +77,35 @@ def test_sigterm_during_training_in_a_real_process_exits_143_and_writes_nothing(
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_during_training_exits_with_its_status(signum, status, original_weights, cifar_dir, workdir, capsys,
                                                       monkeypatch):
+    weights = original_weights("vit")
+
     def signalled_train(*args, **kwargs):
         os.kill(os.getpid(), signum)
         time.sleep(5)  # the handler interrupts this
         raise AssertionError("the signal did not stop training")
     monkeypatch.setattr(common, "train", signalled_train)
     assert run_script("finetune.py", "--arch", "vit", "--preset", "smoke", "--data", cifar_dir, "--weights",
-                      original_weights("vit")) == status
+                      weights) == status
     assert one_line(capsys) == "interrupted: nothing written; other existing files unchanged"
     assert not (workdir / "model_weights").exists()
+
+
+def test_interrupted_continual_run_names_the_steps_it_kept(original_weights, cifar_dir, workdir, capsys,
+                                                          monkeypatch):
+    weights, real_train, calls = original_weights("vit"), common.train, []
+
+    def interrupted_at_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+    monkeypatch.setattr(common, "train", interrupted_at_step_2)
+    assert run_script("continual.py", "--arch", "vit", "--preset", "smoke", "--data", cifar_dir, "--weights", weights,
+                      "--method", "finetune", "--steps", "3", "5", "--no-retrain") == 130
+    step1 = "model_weights/continual/vit-smoke_finetune_step1.pth"
+    assert one_line(capsys) == f"interrupted: wrote {step1} before stopping; other existing files unchanged"
+    assert [p.name for p in (workdir / "model_weights/continual").iterdir()] == ["vit-smoke_finetune_step1.pth"]
+    assert not (workdir / "results").exists()
 
 
 def test_sigterm_handler_is_restored_after_a_run(workdir):
@@ -156,7 +176,7 @@ def test_nearby_forget_fractions_get_different_exact_tags():
     assert tags == {0.1: "random10", 0.1000001: "random10p00001", 0.025: "random2p5", 0.5: "random50"}
 
 
-def test_lora_rank_and_dropout_zero_are_not_replaced_by_defaults():
+def test_lora_dropout_zero_is_not_replaced_by_the_default():
     parser = common.make_parser("")
     common.add_lora_arguments(parser)
     args = parser.parse_args(["--lora-dropout", "0"])
