@@ -181,3 +181,11 @@ def test_lora_dropout_zero_is_not_replaced_by_the_default():
     common.add_lora_arguments(parser)
     args = parser.parse_args(["--lora-dropout", "0"])
     assert common.lora_settings("vit", args, common.build_model("vit", "smoke")).dropout == 0.0
+
+
+def test_deterministic_flag_is_recorded_and_restored(original_weights, cifar_dir, workdir):
+    assert run_script("finetune.py", "--arch", "vit", "--preset", "smoke", "--data", cifar_dir, "--weights",
+                      original_weights("vit"), "--deterministic") == 0
+    meta = torch.load(workdir / "model_weights/vit-smoke_finetune.pth", weights_only=True)["meta"]
+    assert meta["deterministic"] is True and meta["settings"] == {}
+    assert not torch.are_deterministic_algorithms_enabled()
