@@ -85,8 +85,8 @@ class TrainingDiverged(UserError):
     exit_status = 3
 
 
-class Terminated(BaseException):
-    """SIGTERM (e.g. a cluster's preemption), raised like KeyboardInterrupt so that the same clean-up runs."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (e.g. a cluster's preemption), raised as a KeyboardInterrupt so that the same clean-up runs."""
 
 
 _written = []  # files this command has written so far, for the message after an interruption
@@ -114,7 +114,7 @@ def cli(main, argv=None):
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_status)
-    except (KeyboardInterrupt, Terminated) as interruption:
+    except KeyboardInterrupt as interruption:
         if not outermost:
             raise
         kept = f"wrote {', '.join(map(str, _written))} before stopping" if _written else "nothing written"
