@@ -156,7 +156,8 @@ def number(kind, low=None, high=None, low_open=False, high_open=False):
             value = float("nan")
         above_low = low is None or value > low or (value == low and not low_open)
         below_high = high is None or value < high or (value == high and not high_open)
-        if not (np.isfinite(value) and above_low and below_high):
+        finite = value == value and abs(value) != float("inf")  # NaN is the one value unequal to itself
+        if not (finite and above_low and below_high):
             raise argparse.ArgumentTypeError(f"expected {'an' if kind is int else 'a'} {valid}, got {text!r}")
         return value
     parse.valid = valid
