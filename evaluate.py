@@ -16,12 +16,15 @@ def main(argv=None):
     parser.add_argument("checkpoints", nargs="+", metavar="PATH", help="checkpoints written by this project's scripts")
     parser.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (default: data)")
     common.add_forget_arguments(parser)
-    parser.add_argument("--seed", type=int, help="seed of the MIA's member/non-member samples "
-                                                 "(default: the training seed recorded in each checkpoint)")
+    parser.add_argument("--seed", type=common.seed_int,
+                        help="seed of the MIA's member/non-member samples "
+                        "(default: the training seed recorded in each checkpoint)")
     common.add_device_argument(parser)
     parser.add_argument("--json", metavar="OUT", help="also write the results as a JSON list to OUT")
     args = parser.parse_args(argv)
     spec = common.forget_spec_from_args(args)
+    if args.json:
+        common.check_writable(args.json, "--json")
     data_cache = {}
     rows = [common.evaluate_checkpoint(path, args.data, args.device, spec, args.seed, data_cache)
             for path in args.checkpoints]

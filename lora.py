@@ -13,4 +13,4 @@ def unlearn(model, ctx):
 
 
 if __name__ == "__main__":
-    common.run_method("lora", unlearn, __doc__, add_arguments=common.add_batchnorm_argument)
+    common.run_method("lora", unlearn, __doc__, add_arguments=common.add_batchnorm_argument, uses_lora=True)

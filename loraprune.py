@@ -13,4 +13,5 @@ def unlearn(model, ctx):
 
 
 if __name__ == "__main__":
-    common.run_method("loraprune", unlearn, __doc__, add_arguments=common.add_batchnorm_argument)
+    common.run_method("loraprune", unlearn, __doc__, add_arguments=common.add_batchnorm_argument, prunes=True,
+                      uses_lora=True)

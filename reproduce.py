@@ -372,7 +372,7 @@ def parse_args(argv):
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                         help=f"unlearning scripts {{METHOD}}.py to run, e.g. {' '.join(BASELINES)} "
                              f"(default: {' '.join(DEFAULT_METHODS)})")
-    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+    parser.add_argument("--seeds", nargs="+", type=common.seed_int, metavar="SEED",
                         help="seeds: one original model, its methods and one retrain each "
                              "(default: 0 1 2; 0 under the CPU smoke fallback)")
     parser.add_argument("--preset", choices=common.PRESETS,
@@ -389,7 +389,7 @@ def parse_args(argv):
     parser.add_argument("--rerun-stale", action="store_true",
                         help="rerun the runs whose records differ from this plan in data, recipe or flags "
                              "(without it the sweep lists them and stops)")
-    parser.add_argument("--time-budget", type=float, metavar="SECONDS",
+    parser.add_argument("--time-budget", type=common.nonnegative_float, metavar="SECONDS",
                         help="start a unit only when its expected time fits in what is left of SECONDS; "
                              "exit 0 naming the units left to run")
     parser.add_argument("--list-units", action="store_true",
@@ -402,8 +402,6 @@ def parse_args(argv):
                         help="only rebuild tables and plots from the run records on file")
     launch.add_launcher_arguments(parser)
     args = parser.parse_args(argv)
-    if args.time_budget is not None and args.time_budget < 0:
-        parser.error(f"--time-budget must be at least 0 seconds, got {args.time_budget:g}")
     if args.launcher and (args.time_budget is not None or args.tables_only or args.list_units):
         parser.error("--launcher runs units in parallel: it does not go with --time-budget, --tables-only or "
                      "--list-units")

@@ -27,8 +27,6 @@ def unlearn(model, ctx):
 
 def fit(model, ctx):
     share = ctx.args.saliency_share
-    if not 0 < share <= 1:
-        raise common.UserError(f"--saliency-share must lie in (0, 1], got {share}")
     params = dict(model.named_parameters())
     step_lr = SALIENCY_STEP_LR if ctx.args.saliency == "stepped" else None
     mask = common.saliency_mask(model, ctx.forget_batches(), share, step_lr)
@@ -58,7 +56,7 @@ def fit(model, ctx):
 
 def add_arguments(parser):
     parser.set_defaults(recipe=RECIPE)
-    parser.add_argument("--saliency-share", type=float, default=0.5,
+    parser.add_argument("--saliency-share", type=common.unit_interval_open_below, default=0.5,
                         help="share of all weights that training may change (default: 0.5)")
     parser.add_argument("--saliency", default="paper", choices=("paper", "stepped"),
                         help="paper: every forget gradient at the original weights, as in the SalUn paper; stepped: "
