@@ -2,10 +2,11 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -246,32 +247,33 @@ def test_without_gpu_defaults_to_smoke_with_one_seed(capsys):
 
 def test_local_launcher_matches_the_sequential_sweep_and_reruns_a_killed_unit(cifar_dir, workdir, in_process,
                                                                               monkeypatch):
-    """Two workers, real processes: a sweep killed (SIGKILL, as on a lost node) half-way through its methods unit
-    is finished by the next call, and gives the table of the sequential sweep."""
-    launched = workdir / "launched"
-    launched.mkdir()
-    command = [sys.executable, str(ROOT / "reproduce.py"), *SWEEP, "--data", str(cifar_dir),
-               "--launcher", "local", "--workers", "2"]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(command, cwd=launched, env=environment, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    original_record = launched / "results/runs/resnet50-smoke_original_s0.json"
-    deadline = time.monotonic() + 240
-    while not original_record.exists() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    assert original_record.is_file()
-    assert not (launched / "results/runs/resnet50-smoke_finetune_s0.json").exists()
-
-    finished = subprocess.run(command, cwd=launched, env=environment, capture_output=True, text=True)
-    assert finished.returncode == 0, finished.stderr
-    assert "to run with --launcher local" in finished.stdout
-    rerun = (launched / "logs/resnet50-s0-methods.log").read_text().split("===")[-1]
-    assert "resnet50 original seed 0: record on file, done" in rerun and "resnet50 finetune seed 0 ..." in rerun
-
-    monkeypatch.setitem(common.SMOKE, "pretrain_epochs", SMOKE_PRETRAIN_EPOCHS)  # as the real processes ran
+    """Two workers, real processes, in a folder left as by a methods unit killed (e.g. a lost node) after its
+    original model: its dead lock, the original's checkpoint and record, no finetune record, no retrain. The
+    launcher finishes both units, reusing the original, and gives the table of the sequential sweep."""
+    monkeypatch.setitem(common.SMOKE, "pretrain_epochs", SMOKE_PRETRAIN_EPOCHS)  # as the real processes run
     (workdir / "sequential").mkdir()
     os.chdir(workdir / "sequential")
     assert run_script("reproduce.py", *SWEEP, "--data", cifar_dir) == 0
-    assert metric_summary(launched) == metric_summary(workdir / "sequential")
+
+    killed = workdir / "killed"
+    for name in ("model_weights/resnet50-smoke_original_s0.pth", "results/runs/resnet50-smoke_original_s0.json"):
+        (killed / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(workdir / "sequential" / name, killed / name)
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    lock = killed / "results/locks/resnet50-smoke_s0-methods.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "slurm_job": None, "since": "-"}))
+
+    command = [sys.executable, str(ROOT / "reproduce.py"), *SWEEP, "--data", str(cifar_dir),
+               "--launcher", "local", "--workers", "2"]
+    finished = subprocess.run(command, cwd=killed, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                              text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert "0 unit(s) done (records on file); 2 to run with --launcher local" in finished.stdout
+    methods_log = (killed / "logs/resnet50-s0-methods.log").read_text()
+    assert "resnet50 original seed 0: record on file, done" in methods_log
+    assert "resnet50 finetune seed 0 ..." in methods_log
+    assert "resnet50 retrain seed 0 ..." in (killed / "logs/resnet50-s0-retrain.log").read_text()
+    assert not lock.exists()
+    assert metric_summary(killed) == metric_summary(workdir / "sequential")
