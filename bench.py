@@ -195,6 +195,16 @@ def add_speedups(rows):
             row["speedup"] = reference[key] / row["seconds"]
 
 
+def has_torch_pruning():
+    """Whether physical pruning can run here; without torch-pruning its rows are left out, with a note."""
+    try:
+        common.import_torch_pruning()
+    except common.UserError as error:
+        print(f"note: {error}; physical-pruning rows left out, MACs not counted")
+        return False
+    return True
+
+
 def print_row(row):
     parts = [f"{row['arch']:<8} {row['task']:<8} {row.get('method') or '-':<9} {row.get('prune_mode') or '-':<8} "
              f"{row['style']:<9} {row['seconds']:8.2f} s {row['images_per_s']:9.1f} img/s"]
@@ -205,7 +215,8 @@ def print_row(row):
     if row.get("speedup") is not None:
         parts.append(f"speed-up {row['speedup']:.2f}x")
     if row.get("params") is not None:
-        parts.append(f"{row['params'] / 1e6:.2f} M params, {row['macs'] / 1e6:.1f} M MACs")
+        macs = f"{row['macs'] / 1e6:.1f} M" if row["macs"] is not None else "-"
+        parts.append(f"{row['params'] / 1e6:.2f} M params, {macs} MACs")
     print("  ".join(parts), flush=True)
 
 
@@ -246,11 +257,13 @@ def main(argv=None):
     splits = common.make_splits(data.train_labels, data.test_labels, common.ForgetSpec())
     batch_size = common.SMOKE["batch_size"] if args.preset == "smoke" else common.PAPER_RECIPE["batch_size"]
     rows, sources = [], {}
+    physical = has_torch_pruning()
     for arch in args.arch:
         source, sources[arch] = original_model(args, arch)
         warm_up(source, data, args.device)
         runs = [(method, style, "mask") for method in args.methods for style in ("reference", "project")]
-        runs += [(method, "project", "physical") for method in args.methods if method in PHYSICAL_METHODS]
+        if physical:
+            runs += [(method, "project", "physical") for method in args.methods if method in PHYSICAL_METHODS]
         for method, style, mode in runs:
             rows.append(run_unlearning(args, arch, method, style, mode, source, data, data_cpu, splits, batch_size))
             add_speedups(rows)

@@ -23,7 +23,6 @@ import peft
 import timm
 import torch
 import torch.nn.functional as F
-import torch_pruning as tp
 import torchvision
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -342,6 +341,7 @@ def prune_physically(model, amount=PRUNE_AMOUNT):
         unwrapped = [(model.pos_embed, 2)]
     else:
         ignored, unwrapped = [model.fc], None
+    tp = import_torch_pruning()
     device = next(model.parameters()).device
     example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
     training = model.training
@@ -372,8 +372,23 @@ def resize_to_state(model, state):
     return model
 
 
+def import_torch_pruning():
+    """torch_pruning, imported only where physical pruning or MAC counting needs it; a one-line error when missing."""
+    try:
+        import torch_pruning
+    except ImportError:
+        raise UserError("--prune-mode physical needs torch-pruning: pip install 'torch-pruning>=1.5'") from None
+    return torch_pruning
+
+
 def model_cost(model):
-    """Parameter count and multiply-accumulates of model on one 32x32 image (torch-pruning's counter)."""
+    """Parameter count and multiply-accumulates of model on one 32x32 image (torch-pruning's counter).
+
+    Without torch-pruning installed the parameters are counted with torch and macs is None."""
+    try:
+        tp = import_torch_pruning()
+    except UserError:
+        return {"params": count_parameters(model), "macs": None}
     example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=next(model.parameters()).device)
     macs, params = tp.utils.count_ops_and_params(model, example)
     return {"params": int(params), "macs": int(macs)}
