@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_script
+from matplotlib.text import Text
 
 import common
 import reproduce
@@ -131,3 +132,31 @@ def test_without_gpu_defaults_to_smoke_with_one_seed(capsys):
     reproduce.resolve_defaults(args)
     assert (args.preset, args.seeds) == ("full", [0, 1, 2])
     assert "very slow" in capsys.readouterr().err
+
+
+def test_tradeoff_labels_sit_next_to_their_own_points(tmp_path):
+    """Two methods with almost the same RTE and gap: each label names, points at and is coloured like its own point."""
+    def row(method, rte, gap):
+        return {"method": method, "RTE_s": {"mean": rte, "std": None}, "avg_gap": {"mean": gap, "std": None}}
+
+    rows = [row("retrain", 60.0, 0.0), row("finetune", 20.0, 12.0), row("pruneft", 10.0, 2.0),
+            row("loraprune", 10.05, 2.3), row("lora", 35.0, 6.0)]
+    figure = reproduce.plot_tradeoff(tmp_path / "tradeoff.png", "title", rows)
+    assert (tmp_path / "tradeoff.png").read_bytes().startswith(b"\x89PNG")
+    ax = figure.axes[0]
+    figure.draw_without_rendering()
+    labels = {text.get_text(): text for text in ax.texts}
+    assert set(labels) == {r["method"] for r in rows}
+    colors = reproduce.method_colors([r["method"] for r in rows])
+    for r in rows:
+        assert labels[r["method"]].xy == (r["RTE_s"]["mean"], r["avg_gap"]["mean"])
+        assert labels[r["method"]].get_color() == colors[r["method"]]
+    # the label text alone, without the line back to its point
+    box = {m: Text.get_window_extent(text) for m, text in labels.items()}
+    # the two near points: their labels do not overlap, and the higher point has the higher label
+    assert not box["pruneft"].overlaps(box["loraprune"]) and box["loraprune"].y0 > box["pruneft"].y1
+    # each point's nearest label (at its left middle, where labels attach) is its own
+    for r in rows:
+        x, y = ax.transData.transform((r["RTE_s"]["mean"], r["avg_gap"]["mean"]))
+        nearest = min(box, key=lambda m: (box[m].x0 - x) ** 2 + ((box[m].y0 + box[m].y1) / 2 - y) ** 2)
+        assert nearest == r["method"]
