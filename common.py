@@ -554,10 +554,11 @@ def saliency_mask(model, batches, share):
 
 
 def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, optimizer=None, scheduler=None,
-          before_step=None, desc="train"):
+          before_step=None, after_epoch=None, desc="train"):
     """The one training loop: Adam + cross-entropy by default, bf16 autocast on GPU, no host syncs per step.
 
-    loss_fn(model, inputs, labels) -> scalar; before_step() runs between backward and the optimizer step."""
+    loss_fn(model, inputs, labels) -> scalar; before_step() runs between backward and the optimizer step;
+    after_epoch(epoch) after each epoch (1-based)."""
     device = next(model.parameters()).device
     optimizer = optimizer or make_adam((p for p in model.parameters() if p.requires_grad), lr)
     model.train()
@@ -572,11 +573,15 @@ def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, 
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
+        if after_epoch is not None:
+            after_epoch(epoch + 1)
     return model
 
 
-def train_from_scratch(model, data, idx, recipe, seed, desc="pretrain"):
-    """Train a fresh model on images[idx] with a PRETRAIN_RECIPES entry: augmentation, one-cycle schedule."""
+def train_from_scratch(model, data, idx, recipe, seed, desc="pretrain", curve=None):
+    """Train a fresh model on images[idx] with a PRETRAIN_RECIPES entry: augmentation, one-cycle schedule.
+
+    curve: an AccuracyCurve, called after each epoch."""
     batches = Batches(data.train_images, data.train_labels, idx, recipe["batch_size"], seed=seed, augment=True)
     params = [p for p in model.parameters() if p.requires_grad]
     if recipe["optimizer"] == "sgd":
@@ -593,7 +598,51 @@ def train_from_scratch(model, data, idx, recipe, seed, desc="pretrain"):
         return F.cross_entropy(model(inputs), labels, label_smoothing=smoothing)
 
     return train(model, batches, recipe["epochs"], loss_fn=smoothed_cross_entropy, optimizer=optimizer,
-                 scheduler=scheduler, desc=desc)
+                 scheduler=scheduler, after_epoch=curve, desc=desc)
+
+
+def default_eval_every(epochs):
+    """About ten evaluation points over a run (every epoch for short runs), the last epoch always included."""
+    return max(1, epochs // 10)
+
+
+class AccuracyCurve:
+    """Time to accuracy: test accuracy after every `every`-th epoch and the last, with the training seconds so far
+    and the throughput since the previous point, one printed line each. Evaluation (no_grad, the test images idx)
+    is not training time: `eval_seconds` says how much of the run it took. Called as after_epoch(epoch)."""
+
+    def __init__(self, model, images, labels, idx, every, epochs, images_per_epoch, desc="train"):
+        self.model, self.images, self.labels, self.idx = model, images, labels, idx
+        self.every, self.epochs, self.images_per_epoch, self.desc = every, epochs, images_per_epoch, desc
+        self.device = next(model.parameters()).device
+        self.points, self.eval_seconds = [], 0.0
+        self.start = self.last_seconds = None
+        self.last_epoch = 0
+
+    def begin(self):
+        """Start the clock (call right before training)."""
+        self._sync()
+        self.start, self.last_seconds = time.perf_counter(), 0.0
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, epoch):
+        if not self.every or (epoch % self.every and epoch != self.epochs):
+            return
+        self._sync()
+        paused = time.perf_counter()
+        seconds = paused - self.start - self.eval_seconds
+        test_accuracy = accuracy(predict(self.model, self.images, self.idx), self.labels[self.idx])
+        self.model.train()
+        images_per_s = (epoch - self.last_epoch) * self.images_per_epoch / max(seconds - self.last_seconds, 1e-9)
+        self.points.append({"epoch": epoch, "seconds": round(seconds, 3), "test_accuracy": round(test_accuracy, 3),
+                            "images_per_s": round(images_per_s, 1)})
+        self.last_epoch, self.last_seconds = epoch, seconds
+        tqdm.write(f"{self.desc} epoch {epoch}/{self.epochs}: test accuracy {test_accuracy:.2f} % after "
+                   f"{seconds:.1f} s of training, {images_per_s:,.0f} images/s")
+        self.eval_seconds += time.perf_counter() - paused
 
 
 def seed_everything(seed):
@@ -925,24 +974,35 @@ def run_from_scratch(method, doc, argv=None):
     def main(argv):
         parser = make_parser(doc)
         add_common_arguments(parser)
+        parser.add_argument("--eval-every", type=int, metavar="N",
+                            help="print test accuracy and images/s after every N-th epoch and the last, saved as "
+                                 "meta['curve'] (retrain: the test images of the retained classes); 0: never "
+                                 "(default: about ten points per run, epochs // 10)")
         args = parser.parse_args(argv)
         args.method = method
+        if args.eval_every is not None and args.eval_every < 0:
+            raise UserError(f"--eval-every must be 0 or more, got {args.eval_every}")
         spec = (forget_spec_from_args(args) or ForgetSpec()) if method == "retrain" else None
         if method != "retrain" and forget_spec_from_args(args) is not None:
             raise UserError("pretrain.py trains on every training image; forget flags belong to retrain.py")
         out = check_out_path(args, weights_path(args.arch, method, args.preset, spec))
         device = torch.device(args.device)
         data = load_cifar10(args.data, device, args.preset)
-        idx = (make_splits(data.train_labels, data.test_labels, spec).retain_idx if spec
-               else torch.arange(len(data.train_labels), device=device))
+        splits = make_splits(data.train_labels, data.test_labels, spec or ForgetSpec(classes=()))
+        idx = splits.retain_idx
         recipe = with_overrides(PRETRAIN_RECIPES[args.arch], args,
                                 {"epochs": SMOKE["pretrain_epochs"], "batch_size": SMOKE["batch_size"]})
         seed_everything(args.seed)
         model = to_device(build_model(args.arch, args.preset), device)
+        every = default_eval_every(recipe["epochs"]) if args.eval_every is None else args.eval_every
+        curve = AccuracyCurve(model, data.test_images, data.test_labels, splits.test_idx, every, recipe["epochs"],
+                              len(idx), desc=method)
         with Measure(device) as measure:
-            train_from_scratch(model, data, idx, recipe, args.seed, desc=method)
+            curve.begin()
+            train_from_scratch(model, data, idx, recipe, args.seed, desc=method, curve=curve)
+        measure.seconds -= curve.eval_seconds  # evaluation points are not training time
         meta = run_meta(args, spec, recipe["epochs"], recipe["lr"], recipe["batch_size"], len(idx), measure)
-        meta["recipe"] = recipe
+        meta.update(recipe=recipe, eval_every=every, curve=curve.points)
         save_checkpoint(out, model, meta)
         test_accuracy = accuracy(predict(model, data.test_images, torch.arange(len(data.test_labels), device=device)),
                                  data.test_labels)
