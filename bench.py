@@ -225,7 +225,9 @@ def write_results(out, results):
     common.write_json(out / "results.json", results)
     ratios = "\n".join(f"- {arch}: loraprune (physical) / finetune time = {common.format_cell(ratio)}"
                        for arch, ratio in results["physical_over_finetune"].items())
-    text = (f"# Benchmark\n\n- device: {results['device']}\n- date: {results['date']}\n- torch: {results['torch']}\n"
+    partial = "" if results["complete"] else "\n**Incomplete: the run stopped before every row was measured.**\n"
+    text = (f"# Benchmark\n{partial}\n- device: {results['device']}\n- date: {results['date']}\n"
+            f"- torch: {results['torch']}\n"
             f"- data: {results['data']} (preset {results['preset']}{limit}), {results['epochs']} epoch(s)\n"
             f"- compile: {results['compile']}\n\n{common.markdown_table(results['rows'], COLUMNS)}\n\n{ratios}\n")
     (out / "results.md").write_text(text)
@@ -258,6 +260,24 @@ def main(argv=None):
     batch_size = common.SMOKE["batch_size"] if args.preset == "smoke" else common.PAPER_RECIPE["batch_size"]
     rows, sources = [], {}
     physical = has_torch_pruning()
+
+    def record(complete):
+        """Write what has been measured so far, so a bench stopped early still leaves its finished rows."""
+        results = {"device": common.device_name(args.device), "date": datetime.date.today().isoformat(),
+                   "torch": str(torch.__version__), "data": args.data_label, "preset": args.preset,
+                   "limit": args.limit, "epochs": args.epochs, "compile": args.compile, "weights": sources,
+                   "batch_size": batch_size, "torch_threads": torch.get_num_threads(), "numpy": np.__version__,
+                   "physical_over_finetune": {arch: physical_ratio(rows, arch) for arch in args.arch},
+                   "complete": complete, "rows": rows}
+        write_results(out, results)
+        return results
+
+    def add(row):
+        rows.append(row)
+        add_speedups(rows)
+        print_row(row)
+        record(complete=False)
+
     for arch in args.arch:
         source, sources[arch] = original_model(args, arch)
         warm_up(source, data, args.device)
@@ -265,18 +285,10 @@ def main(argv=None):
         if physical:
             runs += [(method, "project", "physical") for method in args.methods if method in PHYSICAL_METHODS]
         for method, style, mode in runs:
-            rows.append(run_unlearning(args, arch, method, style, mode, source, data, data_cpu, splits, batch_size))
-            add_speedups(rows)
-            print_row(rows[-1])
-        for row in (bench_pretraining(args, arch, data), bench_evaluation(args, arch, source, data, splits)):
-            rows.append(row)
-            print_row(row)
-    results = {"device": common.device_name(args.device), "date": datetime.date.today().isoformat(),
-               "torch": str(torch.__version__), "data": args.data_label, "preset": args.preset, "limit": args.limit,
-               "epochs": args.epochs, "compile": args.compile, "weights": sources, "batch_size": batch_size,
-               "torch_threads": torch.get_num_threads(), "numpy": np.__version__,
-               "physical_over_finetune": {arch: physical_ratio(rows, arch) for arch in args.arch}, "rows": rows}
-    write_results(out, results)
+            add(run_unlearning(args, arch, method, style, mode, source, data, data_cpu, splits, batch_size))
+        add(bench_pretraining(args, arch, data))
+        add(bench_evaluation(args, arch, source, data, splits))
+    results = record(complete=True)
     print(f"-> {out / 'results.json'}, {out / 'results.md'}")
     return results
 
