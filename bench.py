@@ -233,7 +233,7 @@ def write_results(out, results):
     (out / "results.md").write_text(text)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = common.make_parser(__doc__)
     parser.add_argument("--arch", nargs="+", default=list(common.ARCHS), choices=common.ARCHS, help="archs to time")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to time")
@@ -247,7 +247,11 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, help="use only the first LIMIT training and LIMIT/5 test images "
                                                    "(full-size models on a CPU)")
     parser.add_argument("--out", default="bench", help="folder for results.json and results.md (default: bench)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.epochs is None:
         args.epochs = common.SMOKE["epochs"] if args.preset == "smoke" else common.PAPER_RECIPE["epochs"]
     out = Path(args.out)
