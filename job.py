@@ -285,15 +285,15 @@ def slug(text):
 
 
 def bench_records(device, preset):
-    """bench/**/results.json files measured on device with preset."""
-    found = []
+    """{path: whether complete} of the bench/**/results.json files measured on device with preset."""
+    found = {}
     for path in sorted(Path("bench").glob("**/results.json")):
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
         if record.get("device") == device and record.get("preset") == preset:
-            found.append(path)
+            found[path] = record.get("complete", True)
     return found
 
 
@@ -309,7 +309,9 @@ def run_bench(job, device, preset):
     if args.bench == "never":
         return job.record("bench", "skipped (--bench never)")
     if on_file and args.bench == "auto":
-        return job.record("bench", f"on file for {device}, preset {preset}: {', '.join(map(str, on_file))}")
+        incomplete = "" if any(on_file.values()) else " (stopped early: --bench always runs it again)"
+        return job.record("bench", f"on file for {device}, preset {preset}: "
+                                   f"{', '.join(map(str, on_file))}{incomplete}")
     timeout = min(args.bench_limit, job.left() - args.reserve)
     command = bench_command(args, device, preset)
     if args.dry_run:
@@ -404,7 +406,7 @@ def gather(job, before):
     if tables:
         text = "\n\n".join(f"<!-- {path} -->\n{path.read_text()}" for path in tables)
         _write_tail(folder / "tables.md", text.encode())
-        written.append(f"tables.md ({len(tables)} tables)")
+        written.append(f"tables.md ({len(tables)} table{'s' if len(tables) != 1 else ''})")
     for name in LOGS:
         if (JOB_DIR / name).stat().st_size:
             _write_tail(folder / name, (JOB_DIR / name).read_bytes())
