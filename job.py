@@ -317,14 +317,21 @@ def run_bench(job, device, preset):
         return job.record("bench", f"would run for at most {timeout:.0f} s: {shlex.join(map(str, command))}")
     if timeout < MIN_BENCH_S:
         return job.record("bench", f"skipped: {max(timeout, 0):.0f} s left for it")
-    status, seconds, stopped = job.run(command, "bench.log", timeout)
     out = command[command.index("--out") + 1]
-    if stopped:
-        job.record("bench", f"stopped at its {timeout:.0f} s limit; the rows measured by then are in {out}")
+    run_step(job, "bench", command, "bench.log", timeout,
+             stopped=f"stopped at its {timeout:.0f} s limit; the rows measured by then are in {out}",
+             done=f"ran in {{seconds:.0f}} s -> {out}")
+
+
+def run_step(job, step, command, log_name, timeout, stopped, done):
+    """Run a step's command and record how it ended: stopped and done are texts formatted with its seconds."""
+    status, seconds, was_stopped = job.run(command, log_name, timeout)
+    if was_stopped:
+        job.record(step, stopped.format(seconds=seconds))
     elif status != 0:
-        job.record("bench", f"failed (exit {status}; see bench.log)", failed=True)
+        job.record(step, f"failed (exit {status}) after {seconds:.0f} s; see {log_name}", failed=True)
     else:
-        job.record("bench", f"ran in {seconds:.0f} s -> {out}")
+        job.record(step, done.format(seconds=seconds))
 
 
 def sweep_command(args, preset, budget):
@@ -344,13 +351,9 @@ def run_sweep(job, preset):
         return job.record("sweep", f"not started: {max(job.left(), 0):.0f} s left, {args.reserve:.0f} s of it "
                                    f"reserved for gathering")
     # past its budget the sweep may still be finishing a unit: it is stopped when it runs into the gathering time
-    status, seconds, stopped = job.run(command, "reproduce.log", job.left() - args.reserve / 2 - KILL_GRACE_S)
-    if stopped:
-        job.record("sweep", f"stopped after {seconds:.0f} s, past its time budget; its finished records are kept")
-    elif status != 0:
-        job.record("sweep", f"failed (exit {status}) after {seconds:.0f} s; see reproduce.log", failed=True)
-    else:
-        job.record("sweep", f"reproduce.py exited 0 after {seconds:.0f} s")
+    run_step(job, "sweep", command, "reproduce.log", job.left() - args.reserve / 2 - KILL_GRACE_S,
+             stopped="stopped after {seconds:.0f} s, past its time budget; its finished records are kept",
+             done="reproduce.py exited 0 after {seconds:.0f} s")
 
 
 # ------------------------------------------------------------------------------------------- gathering
