@@ -47,6 +47,7 @@ PRUNING_MODULE = "torch_pruning"
 JOB_DIR = Path(".job")
 LOGS = ("setup.log", "bench.log", "reproduce.log")
 ARCHIVE = "job-results.tar.gz"
+OFFICIAL_LABEL = "CIFAR-10"  # what --data-archive holds: the official archive's pixels
 GATHERED_FOLDERS = ("results", "bench")
 NEVER_GATHERED = (".pth", ".pt", ".tmp")
 MAX_FILE_BYTES = 16 * 2**20
@@ -76,14 +77,15 @@ def parse_args(argv):
                         help="the official cifar-10-python.tar.gz, unpacked into --data when the data is not there")
     source.add_argument("--data-command", metavar="COMMAND",
                         help="a command that writes cifar-10-batches-py into --data when it is not there")
-    parser.add_argument("--data-label", help="name of the data set for the tables and the bench record "
-                                             "(default: the scripts' own)")
+    parser.add_argument("--data-label", help="name of the data set for the tables and the bench record (default: "
+                                             f"{OFFICIAL_LABEL} with --data-archive, else the scripts' own)")
     parser.add_argument("--wheels", metavar="DIR", help="folder of wheels (torch-pruning) installed when "
                                                         "torch_pruning does not import")
     parser.add_argument("--time-limit", type=float, metavar="SECONDS",
                         help="the job's time, counted from the start of job.py (default: no limit)")
     parser.add_argument("--reserve", type=float, default=60, metavar="SECONDS",
-                        help="time kept back from the sweep for stopping it and gathering (default: 60)")
+                        help="time kept back from the sweep for stopping it (SIGTERM, then SIGKILL 10 s later) "
+                             "and gathering (default: 60)")
     parser.add_argument("--bench", default="auto", choices=("auto", "always", "never"),
                         help="auto: run bench.py when no record of this device and preset is on file (default)")
     parser.add_argument("--bench-limit", type=float, default=180, metavar="SECONDS",
@@ -96,6 +98,8 @@ def parse_args(argv):
                         help="unpack a gathered job-results.tar.gz (or the folder holding it) into this repository")
     args = parser.parse_args(argv)
     args.sweep_args = sweep_args
+    if args.data_archive and not args.data_label:
+        args.data_label = OFFICIAL_LABEL
     if args.time_limit is not None and args.time_limit <= 0:
         parser.error(f"--time-limit must be positive, got {args.time_limit:g}")
     if args.reserve < 0 or args.bench_limit < 0:
@@ -350,8 +354,9 @@ def run_sweep(job, preset):
     if budget < 1:
         return job.record("sweep", f"not started: {max(job.left(), 0):.0f} s left, {args.reserve:.0f} s of it "
                                    f"reserved for gathering")
-    # past its budget the sweep may still be finishing a unit: it is stopped when it runs into the gathering time
-    run_step(job, "sweep", command, "reproduce.log", job.left() - args.reserve / 2 - KILL_GRACE_S,
+    # past its budget the sweep may still be finishing a unit: it is stopped halfway into the reserve, in time to
+    # end (SIGTERM, then SIGKILL) and be gathered
+    run_step(job, "sweep", command, "reproduce.log", max(budget, job.left() - args.reserve / 2 - KILL_GRACE_S),
              stopped="stopped after {seconds:.0f} s, past its time budget; its finished records are kept",
              done="reproduce.py exited 0 after {seconds:.0f} s")
 

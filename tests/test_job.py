@@ -75,10 +75,11 @@ def test_job_unpacks_the_data_runs_the_steps_and_gathers_within_the_limits(workd
         assert (workdir / "data/cifar-10-batches-py" / name).read_bytes() == \
             (cifar_dir / "cifar-10-batches-py" / name).read_bytes()
     bench_call, sweep_call = stand_ins()
-    assert bench_call == ["--preset", "smoke", "--data", "data", "--epochs", "1", "--out", "bench/cpu-smoke"]
+    assert bench_call == ["--preset", "smoke", "--data", "data", "--epochs", "1", "--out", "bench/cpu-smoke",
+                          "--data-label", "CIFAR-10"]
     assert bench.parse_args(bench_call).out == "bench/cpu-smoke"  # the real bench.py accepts it
     budget = int(sweep_call[sweep_call.index("--time-budget") + 1])
-    assert 60 <= budget <= 80 and sweep_call[-2:] == ["--arch", "vit"]
+    assert 60 <= budget <= 80 and sweep_call[-4:] == ["--data-label", "CIFAR-10", "--arch", "vit"]
 
     out = workdir / "out"
     files = sorted(path.name for path in out.iterdir())
