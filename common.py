@@ -64,6 +64,7 @@ LORA_DEFAULTS = {
 }
 PRUNE_AMOUNT = 0.5
 PRUNE_MODES = ("mask", "physical")
+BATCHNORM_MODES = ("train", "frozen")
 EVAL_BATCH_SIZE = 1024
 MIA_MAX_SAMPLES = 5000
 
@@ -317,16 +318,50 @@ def prune_targets(model):
 def prune(model, amount=PRUNE_AMOUNT, mode="mask"):
     """Zero the `amount` share of output channels/features with the smallest L2 norm, per layer.
 
-    The mask stays attached (torch.nn.utils.prune), so pruned weights stay exactly zero while training;
-    a layer's bias entries of pruned outputs are masked too, so a pruned unit outputs exactly zero.
-    mode="physical" removes the channels instead (prune_physically)."""
+    The mask stays attached (torch.nn.utils.prune), so pruned weights stay exactly zero while training.
+    A layer's bias entries of pruned outputs are masked too, and so are the weight and bias of the BatchNorm
+    that normalises its output (every ResNet conv has one), so a pruned unit outputs exactly zero after its
+    normalisation, in train and eval mode. mode="physical" removes the channels instead (prune_physically)."""
     if mode == "physical":
         return prune_physically(model, amount) if amount else model
-    for layer in prune_targets(model):
+    layers = prune_targets(model)
+    norms = batchnorm_after(model, layers)
+    for layer in layers:
         torch_prune.ln_structured(layer, "weight", amount=amount, n=2, dim=0)
+        mask = output_mask(layer)
         if layer.bias is not None:
-            torch_prune.custom_from_mask(layer, "bias", output_mask(layer))
+            torch_prune.custom_from_mask(layer, "bias", mask)
+        if layer in norms:
+            for name in ("weight", "bias"):
+                torch_prune.custom_from_mask(norms[layer], name, mask)
     return model
+
+
+def batchnorm_after(model, layers):
+    """{layer: the BatchNorm that directly normalises its output}, found by tracing one forward pass."""
+    outputs, found = {}, {}
+
+    def remember_output(layer, inputs, output):
+        outputs[layer] = output
+
+    def match_input(norm, inputs):
+        for layer, output in outputs.items():
+            if inputs[0] is output:
+                found[layer] = norm
+
+    hooks = [layer.register_forward_hook(remember_output) for layer in layers]
+    hooks += [m.register_forward_pre_hook(match_input) for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=next(model.parameters()).device)
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)  # eval mode: the BatchNorm statistics stay as they are
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(training)
+    return found
 
 
 def prune_physically(model, amount=PRUNE_AMOUNT):
@@ -396,7 +431,7 @@ def model_cost(model):
 
 def output_mask(layer):
     """1 for each output channel/feature of a pruned layer that survives, 0 for each pruned one."""
-    return layer.weight_mask.flatten(1).amax(1)
+    return layer.weight_mask.reshape(len(layer.weight_mask), -1).amax(1)
 
 
 def pruned_layers(model):
@@ -533,18 +568,27 @@ def l1_norm(model):
     return sum(p.abs().sum() for p in model.parameters() if p.requires_grad)
 
 
-def saliency_mask(model, batches, share):
+def saliency_mask(model, batches, share, step_lr=None):
     """SalUn's weight saliency: {parameter name: bool mask shaped like it}, True for the `share` of all trainable
-    weights (one ranking across the model) with the largest |gradient of the cross-entropy summed over batches|."""
+    weights (one ranking across the model) with the largest |gradient of the forget loss -CE summed over batches|,
+    in eval mode. By default every gradient is taken at the model's weights (the SalUn paper's equation). With
+    step_lr, a copy of the model takes an SGD step (momentum, weight decay: make_sgd) on -CE after every batch,
+    as a version of SalUn's generate_mask.py does, so the gradients are summed along that path; the model itself
+    is left unchanged either way."""
+    if step_lr is not None:
+        model = copy.deepcopy(model)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = make_sgd(params.values(), step_lr) if step_lr is not None else None
     saliency = {name: torch.zeros_like(p) for name, p in params.items()}
     model.eval()
     for inputs, labels in batches:
         model.zero_grad(set_to_none=True)
-        cross_entropy(model, inputs, labels).backward()
+        (-cross_entropy(model, inputs, labels)).backward()
         for name, p in params.items():
             if p.grad is not None:
                 saliency[name] += p.grad
+        if optimizer is not None:
+            optimizer.step()
     model.zero_grad(set_to_none=True)
     flat = torch.cat([s.abs().flatten() for s in saliency.values()])
     keep = torch.zeros_like(flat, dtype=torch.bool)
@@ -554,14 +598,19 @@ def saliency_mask(model, batches, share):
 
 
 def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, optimizer=None, scheduler=None,
-          before_step=None, after_epoch=None, desc="train"):
+          before_step=None, after_epoch=None, desc="train", freeze_batchnorm=False):
     """The one training loop: Adam + cross-entropy by default, bf16 autocast on GPU, no host syncs per step.
 
     loss_fn(model, inputs, labels) -> scalar; before_step() runs between backward and the optimizer step;
-    after_epoch(epoch) after each epoch (1-based)."""
+    after_epoch(epoch) after each epoch (1-based). freeze_batchnorm keeps BatchNorm layers in eval mode: they
+    normalise with, and keep, their running statistics."""
     device = next(model.parameters()).device
     optimizer = optimizer or make_adam((p for p in model.parameters() if p.requires_grad), lr)
     model.train()
+    if freeze_batchnorm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     for epoch in range(epochs):
         for inputs, labels in tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=None):
             with autocast(device):
@@ -634,8 +683,10 @@ class AccuracyCurve:
         self._sync()
         paused = time.perf_counter()
         seconds = paused - self.start - self.eval_seconds
+        modes = {module: module.training for module in self.model.modules()}
         test_accuracy = accuracy(predict(self.model, self.images, self.idx), self.labels[self.idx])
-        self.model.train()
+        for module, training in modes.items():  # back to each module's own mode (frozen BatchNorm stays frozen)
+            module.train(training)
         images_per_s = (epoch - self.last_epoch) * self.images_per_epoch / max(seconds - self.last_seconds, 1e-9)
         self.points.append({"epoch": epoch, "seconds": round(seconds, 3), "test_accuracy": round(test_accuracy, 3),
                             "images_per_s": round(images_per_s, 1)})
@@ -650,6 +701,35 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def warm_up(model, inputs, labels):
+    """One untimed forward and backward pass (bf16 autocast on GPU, train mode), so that CUDA, cuBLAS and cuDNN
+    start-up falls outside the RTE. The model is left exactly as it was: its buffers (BatchNorm statistics) and
+    the RNG states (dropout) are restored, the gradients cleared, and no optimizer steps."""
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(inputs.device) if inputs.is_cuda else None
+    training = model.training
+    model.train()
+    with autocast(inputs.device):
+        loss = cross_entropy(model, inputs, labels)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng, inputs.device)
+        torch.cuda.synchronize(inputs.device)
+    model.train(training)
+
+
+def warm_up_on(model, data, idx, batch_size):
+    """warm_up on the first batch_size images of images[idx] (no shuffling, so no batch generator moves)."""
+    first = idx[:batch_size]
+    warm_up(model, normalize(data.train_images[first]), data.train_labels[first])
 
 
 class Measure:
@@ -677,13 +757,15 @@ class Measure:
 
 @torch.no_grad()
 def predict(model, images, idx, batch_size=EVAL_BATCH_SIZE):
-    """Softmax probabilities of model on images[idx], float32 [len(idx), classes]."""
+    """Softmax probabilities of model on images[idx], float32 [len(idx), classes].
+
+    Runs in fp32, without the training loop's bf16 autocast, as the methods' official evaluations do: every
+    metric (arg-max, the MIA's confidences) comes from fp32 logits."""
     model.eval()
     device = next(model.parameters()).device
     probs = []
     for start in range(0, len(idx), batch_size):
-        with autocast(device):
-            logits = model(normalize(images[idx[start:start + batch_size]]))
+        logits = model(normalize(images[idx[start:start + batch_size]]))
         probs.append(logits.float().softmax(1))
     return torch.cat(probs) if probs else torch.zeros(0, NUM_CLASSES, device=device)
 
@@ -895,9 +977,21 @@ class Context:
         return add_lora(model, self.lora, self.example_input())
 
 
+def add_batchnorm_argument(parser):
+    """--bn of the LoRA scripts: whether BatchNorm statistics may move while the adapters train."""
+    parser.add_argument("--bn", default="train", choices=BATCHNORM_MODES,
+                        help="train: BatchNorm layers run in train mode, so their running statistics move to the "
+                             "retain set's (the paper's behaviour); frozen: they stay in eval mode and keep the "
+                             "original model's statistics (default: train; the ViT has no BatchNorm)")
+
+
 def train_on_retain(model, ctx):
-    """The paper's training step: cross-entropy on the retain set."""
-    return train(model, ctx.retain_batches(), ctx.epochs, ctx.lr, desc=ctx.args.method)
+    """The paper's training step: cross-entropy on the retain set (BatchNorm in eval mode under --bn frozen)."""
+    batchnorm = getattr(ctx.args, "bn", None)  # only the LoRA scripts have --bn
+    if batchnorm is not None:
+        ctx.hyperparameters = {**(ctx.hyperparameters or {}), "bn": batchnorm}
+    return train(model, ctx.retain_batches(), ctx.epochs, ctx.lr, desc=ctx.args.method,
+                 freeze_batchnorm=batchnorm == "frozen")
 
 
 def run_method(method, unlearn, doc, argv=None, add_arguments=None, fit=train_on_retain):
@@ -940,6 +1034,7 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain):
     if getattr(args, "needs_original", False):
         ctx.original = copy.deepcopy(model)
     seed_everything(args.seed)
+    warm_up_on(model, data, splits.retain_idx, ctx.batch_size)
     with Measure(device) as measure:
         model = fit(unlearn(model, ctx), ctx)
     model = finalize(model)
@@ -994,6 +1089,7 @@ def run_from_scratch(method, doc, argv=None):
                                 {"epochs": SMOKE["pretrain_epochs"], "batch_size": SMOKE["batch_size"]})
         seed_everything(args.seed)
         model = to_device(build_model(args.arch, args.preset), device)
+        warm_up_on(model, data, idx, recipe["batch_size"])
         every = default_eval_every(recipe["epochs"]) if args.eval_every is None else args.eval_every
         curve = AccuracyCurve(model, data.test_images, data.test_labels, splits.test_idx, every, recipe["epochs"],
                               len(idx), desc=method)
@@ -1017,11 +1113,14 @@ def run_from_scratch(method, doc, argv=None):
 METRIC_KEYS = ("UA", "RA", "TA", "MIA_efficacy")
 
 
-def evaluate_checkpoint(path, data_root, device, spec=None, seed=0, data_cache=None):
+def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cache=None):
     """Metrics of one checkpoint as a dict with keys path, arch, method, UA, RA, TA, MIA_efficacy, RTE_s,
     peak_gpu_mem_mb (and forget, seed, preset). The forget setting is the checkpoint's unless spec is given;
-    a checkpoint without one (the original model) is scored on the default (class 3)."""
+    a checkpoint without one (the original model) is scored on the default (class 3). The MIA draws its
+    samples with the seed recorded in the checkpoint unless seed is given."""
     model, meta = load_checkpoint(path, device)
+    if seed is None:
+        seed = meta.get("seed") or 0
     spec = spec or (ForgetSpec.from_dict(meta["forget"]) if meta.get("forget") else ForgetSpec())
     preset = meta.get("preset", "full")
     cache = {} if data_cache is None else data_cache
