@@ -195,6 +195,16 @@ def add_speedups(rows):
             row["speedup"] = reference[key] / row["seconds"]
 
 
+def has_torch_pruning():
+    """Whether physical pruning can run here; without torch-pruning its rows are left out, with a note."""
+    try:
+        common.import_torch_pruning()
+    except common.UserError as error:
+        print(f"note: {error}; physical-pruning rows left out, MACs not counted")
+        return False
+    return True
+
+
 def print_row(row):
     parts = [f"{row['arch']:<8} {row['task']:<8} {row.get('method') or '-':<9} {row.get('prune_mode') or '-':<8} "
              f"{row['style']:<9} {row['seconds']:8.2f} s {row['images_per_s']:9.1f} img/s"]
@@ -205,7 +215,8 @@ def print_row(row):
     if row.get("speedup") is not None:
         parts.append(f"speed-up {row['speedup']:.2f}x")
     if row.get("params") is not None:
-        parts.append(f"{row['params'] / 1e6:.2f} M params, {row['macs'] / 1e6:.1f} M MACs")
+        macs = f"{row['macs'] / 1e6:.1f} M" if row["macs"] is not None else "-"
+        parts.append(f"{row['params'] / 1e6:.2f} M params, {macs} MACs")
     print("  ".join(parts), flush=True)
 
 
@@ -214,13 +225,15 @@ def write_results(out, results):
     common.write_json(out / "results.json", results)
     ratios = "\n".join(f"- {arch}: loraprune (physical) / finetune time = {common.format_cell(ratio)}"
                        for arch, ratio in results["physical_over_finetune"].items())
-    text = (f"# Benchmark\n\n- device: {results['device']}\n- date: {results['date']}\n- torch: {results['torch']}\n"
+    partial = "" if results["complete"] else "\n**Incomplete: the run stopped before every row was measured.**\n"
+    text = (f"# Benchmark\n{partial}\n- device: {results['device']}\n- date: {results['date']}\n"
+            f"- torch: {results['torch']}\n"
             f"- data: {results['data']} (preset {results['preset']}{limit}), {results['epochs']} epoch(s)\n"
             f"- compile: {results['compile']}\n\n{common.markdown_table(results['rows'], COLUMNS)}\n\n{ratios}\n")
     (out / "results.md").write_text(text)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = common.make_parser(__doc__)
     parser.add_argument("--arch", nargs="+", default=list(common.ARCHS), choices=common.ARCHS, help="archs to time")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to time")
@@ -235,7 +248,11 @@ def main(argv=None):
     parser.add_argument("--limit", type=common.number(int, 5),
                         help="use only the first LIMIT training and LIMIT/5 test images (full-size models on a CPU)")
     parser.add_argument("--out", default="bench", help="folder for results.json and results.md (default: bench)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.epochs is None:
         args.epochs = common.SMOKE["epochs"] if args.preset == "smoke" else common.PAPER_RECIPE["epochs"]
     out = Path(args.out)
@@ -248,24 +265,36 @@ def main(argv=None):
     splits = common.make_splits(data.train_labels, data.test_labels, common.ForgetSpec())
     batch_size = common.SMOKE["batch_size"] if args.preset == "smoke" else common.PAPER_RECIPE["batch_size"]
     rows, sources = [], {}
+    physical = has_torch_pruning()
+
+    def record(complete):
+        """Write what has been measured so far, so a bench stopped early still leaves its finished rows."""
+        results = {"device": common.device_name(args.device), "date": datetime.date.today().isoformat(),
+                   "torch": str(torch.__version__), "data": args.data_label, "preset": args.preset,
+                   "limit": args.limit, "epochs": args.epochs, "compile": args.compile, "weights": sources,
+                   "batch_size": batch_size, "torch_threads": torch.get_num_threads(), "numpy": np.__version__,
+                   "physical_over_finetune": {arch: physical_ratio(rows, arch) for arch in args.arch},
+                   "complete": complete, "rows": rows}
+        write_results(out, results)
+        return results
+
+    def add(row):
+        rows.append(row)
+        add_speedups(rows)
+        print_row(row)
+        record(complete=False)
+
     for arch in args.arch:
         source, sources[arch] = original_model(args, arch)
         warm_up(source, data, args.device)
         runs = [(method, style, "mask") for method in args.methods for style in ("reference", "project")]
-        runs += [(method, "project", "physical") for method in args.methods if method in PHYSICAL_METHODS]
+        if physical:
+            runs += [(method, "project", "physical") for method in args.methods if method in PHYSICAL_METHODS]
         for method, style, mode in runs:
-            rows.append(run_unlearning(args, arch, method, style, mode, source, data, data_cpu, splits, batch_size))
-            add_speedups(rows)
-            print_row(rows[-1])
-        for row in (bench_pretraining(args, arch, data), bench_evaluation(args, arch, source, data, splits)):
-            rows.append(row)
-            print_row(row)
-    results = {"device": common.device_name(args.device), "date": datetime.date.today().isoformat(),
-               "torch": str(torch.__version__), "data": args.data_label, "preset": args.preset, "limit": args.limit,
-               "epochs": args.epochs, "compile": args.compile, "weights": sources, "batch_size": batch_size,
-               "torch_threads": torch.get_num_threads(), "numpy": np.__version__,
-               "physical_over_finetune": {arch: physical_ratio(rows, arch) for arch in args.arch}, "rows": rows}
-    write_results(out, results)
+            add(run_unlearning(args, arch, method, style, mode, source, data, data_cpu, splits, batch_size))
+        add(bench_pretraining(args, arch, data))
+        add(bench_evaluation(args, arch, source, data, splits))
+    results = record(complete=True)
     print(f"-> {out / 'results.json'}, {out / 'results.md'}")
     return results
 

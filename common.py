@@ -27,7 +27,6 @@ import peft
 import timm
 import torch
 import torch.nn.functional as F
-import torch_pruning as tp
 import torchvision
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -493,6 +492,7 @@ def prune_physically(model, amount=PRUNE_AMOUNT):
         unwrapped = [(model.pos_embed, 2)]
     else:
         ignored, unwrapped = [model.fc], None
+    tp = import_torch_pruning()
     device = next(model.parameters()).device
     example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
     training = model.training
@@ -523,8 +523,23 @@ def resize_to_state(model, state):
     return model
 
 
+def import_torch_pruning():
+    """torch_pruning, imported only where physical pruning or MAC counting needs it; a one-line error when missing."""
+    try:
+        import torch_pruning
+    except ImportError:
+        raise UserError("--prune-mode physical needs torch-pruning: pip install 'torch-pruning>=1.5'") from None
+    return torch_pruning
+
+
 def model_cost(model):
-    """Parameter count and multiply-accumulates of model on one 32x32 image (torch-pruning's counter)."""
+    """Parameter count and multiply-accumulates of model on one 32x32 image (torch-pruning's counter).
+
+    Without torch-pruning installed the parameters are counted with torch and macs is None."""
+    try:
+        tp = import_torch_pruning()
+    except UserError:
+        return {"params": count_parameters(model), "macs": None}
     example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=next(model.parameters()).device)
     macs, params = tp.utils.count_ops_and_params(model, example)
     return {"params": int(params), "macs": int(macs)}
@@ -703,12 +718,13 @@ def saliency_mask(model, batches, share, step_lr=None):
 
 
 def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, optimizer=None, scheduler=None,
-          before_step=None, desc="train", freeze_batchnorm=False):
+          before_step=None, after_epoch=None, desc="train", freeze_batchnorm=False):
     """The one training loop: Adam + cross-entropy by default, bf16 autocast on GPU, no host syncs per step.
 
-    loss_fn(model, inputs, labels) -> scalar; before_step() runs between backward and the optimizer step.
-    freeze_batchnorm keeps BatchNorm layers in eval mode: they normalise with, and keep, their running statistics.
-    A NaN or infinite loss raises TrainingDiverged naming the epoch and step."""
+    loss_fn(model, inputs, labels) -> scalar; before_step() runs between backward and the optimizer step;
+    after_epoch(epoch) after each epoch (1-based). freeze_batchnorm keeps BatchNorm layers in eval mode: they
+    normalise with, and keep, their running statistics. A NaN or infinite loss raises TrainingDiverged naming the
+    epoch and step."""
     device = next(model.parameters()).device
     optimizer = optimizer or make_adam((p for p in model.parameters() if p.requires_grad), lr)
     model.train()
@@ -739,6 +755,8 @@ def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, 
             if step % DIVERGENCE_CHECK_STEPS == 0:
                 _check_finite(bad_step, bad_loss, desc, epoch, epochs, len(batches))
         _check_finite(bad_step, bad_loss, desc, epoch, epochs, len(batches))
+        if after_epoch is not None:
+            after_epoch(epoch + 1)
     return model
 
 
@@ -749,8 +767,10 @@ def _check_finite(bad_step, bad_loss, desc, epoch, epochs, steps):
                                f"(a lower --lr may help)")
 
 
-def train_from_scratch(model, data, idx, recipe, seed, desc="pretrain"):
-    """Train a fresh model on images[idx] with a PRETRAIN_RECIPES entry: augmentation, one-cycle schedule."""
+def train_from_scratch(model, data, idx, recipe, seed, desc="pretrain", curve=None):
+    """Train a fresh model on images[idx] with a PRETRAIN_RECIPES entry: augmentation, one-cycle schedule.
+
+    curve: an AccuracyCurve, called after each epoch."""
     batches = Batches(data.train_images, data.train_labels, idx, recipe["batch_size"], seed=seed, augment=True)
     params = [p for p in model.parameters() if p.requires_grad]
     if recipe["optimizer"] == "sgd":
@@ -767,7 +787,53 @@ def train_from_scratch(model, data, idx, recipe, seed, desc="pretrain"):
         return F.cross_entropy(model(inputs), labels, label_smoothing=smoothing)
 
     return train(model, batches, recipe["epochs"], loss_fn=smoothed_cross_entropy, optimizer=optimizer,
-                 scheduler=scheduler, desc=desc)
+                 scheduler=scheduler, after_epoch=curve, desc=desc)
+
+
+def default_eval_every(epochs):
+    """About ten evaluation points over a run (every epoch for short runs), the last epoch always included."""
+    return max(1, epochs // 10)
+
+
+class AccuracyCurve:
+    """Time to accuracy: test accuracy after every `every`-th epoch and the last, with the training seconds so far
+    and the throughput since the previous point, one printed line each. Evaluation (no_grad, the test images idx)
+    is not training time: `eval_seconds` says how much of the run it took. Called as after_epoch(epoch)."""
+
+    def __init__(self, model, images, labels, idx, every, epochs, images_per_epoch, desc="train"):
+        self.model, self.images, self.labels, self.idx = model, images, labels, idx
+        self.every, self.epochs, self.images_per_epoch, self.desc = every, epochs, images_per_epoch, desc
+        self.device = next(model.parameters()).device
+        self.points, self.eval_seconds = [], 0.0
+        self.start = self.last_seconds = None
+        self.last_epoch = 0
+
+    def begin(self):
+        """Start the clock (call right before training)."""
+        self._sync()
+        self.start, self.last_seconds = time.perf_counter(), 0.0
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, epoch):
+        if not self.every or (epoch % self.every and epoch != self.epochs):
+            return
+        self._sync()
+        paused = time.perf_counter()
+        seconds = paused - self.start - self.eval_seconds
+        modes = {module: module.training for module in self.model.modules()}
+        test_accuracy = accuracy(predict(self.model, self.images, self.idx), self.labels[self.idx])
+        for module, training in modes.items():  # back to each module's own mode (frozen BatchNorm stays frozen)
+            module.train(training)
+        images_per_s = (epoch - self.last_epoch) * self.images_per_epoch / max(seconds - self.last_seconds, 1e-9)
+        self.points.append({"epoch": epoch, "seconds": round(seconds, 3), "test_accuracy": round(test_accuracy, 3),
+                            "images_per_s": round(images_per_s, 1)})
+        self.last_epoch, self.last_seconds = epoch, seconds
+        tqdm.write(f"{self.desc} epoch {epoch}/{self.epochs}: test accuracy {test_accuracy:.2f} % after "
+                   f"{seconds:.1f} s of training, {images_per_s:,.0f} images/s")
+        self.eval_seconds += time.perf_counter() - paused
 
 
 def seed_everything(seed):
@@ -996,7 +1062,7 @@ def weights_path(arch, method, preset="full", spec=None, seed=None, settings=Non
 
 # Flags that are part of the name already (arch, preset, forget setting, seed) or do not change what is learnt.
 NAMED_OR_NEUTRAL_FLAGS = {"help", "arch", "preset", "seed", "forget_class", "forget_random", "forget_seed", "data",
-                          "device", "deterministic", "out", "weights"}
+                          "device", "deterministic", "out", "weights", "eval_every"}
 
 
 def setting_text(value):
@@ -1300,6 +1366,10 @@ def run_from_scratch(method, doc, argv=None):
     def main(argv):
         parser = make_parser(doc)
         add_common_arguments(parser)
+        parser.add_argument("--eval-every", type=nonnegative_int, metavar="N",
+                            help="print test accuracy and images/s after every N-th epoch and the last, saved as "
+                                 "meta['curve'] (retrain: the test images of the retained classes); 0: never "
+                                 "(default: about ten points per run, epochs // 10)")
         args = parser.parse_args(argv)
         args.method = method
         spec = (forget_spec_from_args(args) or ForgetSpec()) if method == "retrain" else None
@@ -1311,24 +1381,29 @@ def run_from_scratch(method, doc, argv=None):
         with deterministic_mode(args.deterministic):
             device = torch.device(args.device)
             data = load_cifar10(args.data, device, args.preset)
+            all_test = torch.arange(len(data.test_labels), device=device)
             if spec:
                 splits = make_splits(data.train_labels, data.test_labels, spec)
                 check_splits(splits, spec, args.data)
-                idx = splits.retain_idx
+                idx, test_idx = splits.retain_idx, splits.test_idx
             else:
-                idx = torch.arange(len(data.train_labels), device=device)
+                idx, test_idx = torch.arange(len(data.train_labels), device=device), all_test
             recipe = with_overrides(PRETRAIN_RECIPES[args.arch], args, smoke)
             seed_everything(args.seed)
             model = to_device(build_model(args.arch, args.preset), device)
             print(f"{method}: {len(idx)} training images, {recipe['epochs']} epoch(s) on {device_name(device)}",
                   flush=True)
             warm_up_on(model, data, idx, recipe["batch_size"])
+            every = default_eval_every(recipe["epochs"]) if args.eval_every is None else args.eval_every
+            curve = AccuracyCurve(model, data.test_images, data.test_labels, test_idx, every, recipe["epochs"],
+                                  len(idx), desc=method)
             with Measure(device) as measure:
-                train_from_scratch(model, data, idx, recipe, args.seed, desc=method)
+                curve.begin()
+                train_from_scratch(model, data, idx, recipe, args.seed, desc=method, curve=curve)
+            measure.seconds -= curve.eval_seconds  # evaluation points are not training time
             meta = run_meta(args, spec, recipe["epochs"], recipe["lr"], recipe["batch_size"], len(idx), measure)
-            meta.update(recipe=recipe, settings=settings)
+            meta.update(recipe=recipe, settings=settings, eval_every=every, curve=curve.points)
             save_checkpoint(out, model, meta)
-            all_test = torch.arange(len(data.test_labels), device=device)
             test_accuracy = accuracy(predict(model, data.test_images, all_test), data.test_labels)
         report_saved(out, meta)
         print(f"test accuracy (all classes): {test_accuracy:.2f} %")

@@ -306,21 +306,65 @@ def plot_metrics(path, title, rows):
     figure.savefig(path, dpi=110)
 
 
+def spread(heights, spacing):
+    """Positions for labels at the sorted heights: at least spacing apart, in the same order, each run of crowded
+    labels centred on its points' mean height (so a label stays as close to its own point as the crowd allows)."""
+    groups = []  # [sum of heights, count] of runs of labels set spacing apart
+    for height in heights:
+        groups.append([height, 1])
+        while len(groups) > 1:
+            (sum_low, n_low), (sum_high, n_high) = groups[-2], groups[-1]
+            top_of_low = sum_low / n_low + (n_low - 1) * spacing / 2
+            bottom_of_high = sum_high / n_high - (n_high - 1) * spacing / 2
+            if bottom_of_high - top_of_low >= spacing:
+                break
+            groups[-2:] = [[sum_low + sum_high, n_low + n_high]]
+    return [total / n + (i - (n - 1) / 2) * spacing for total, n in groups for i in range(n)]
+
+
+def label_points(ax, points, colors, fontsize=10):
+    """Label each (method, x, y) point to its right, in its colour. Labels that would overlap are spread apart
+    vertically in the order of their points' heights, with a thin line back to their point. Call after the axes'
+    limits and scales are final."""
+    ax.figure.draw_without_rendering()  # lay the figure out, so data -> display coordinates are final
+    to_points = 72 / ax.figure.dpi
+    line_height, gap = 1.3 * fontsize, 7
+    labels = []
+    for method, x, y in points:
+        px, py = (v * to_points for v in ax.transData.transform((x, y)))
+        labels.append({"method": method, "xy": (x, y), "y": py, "left": px + gap,
+                       "right": px + gap + 0.62 * fontsize * len(method)})
+    labels.sort(key=lambda label: label["left"])
+    crowds, right = [], float("-inf")  # labels whose horizontal extents overlap, transitively
+    for label in labels:
+        if label["left"] >= right:
+            crowds.append([])
+        crowds[-1].append(label)
+        right = max(right, label["right"])
+    for crowd in crowds:
+        crowd.sort(key=lambda label: label["y"])
+        for label, label_y in zip(crowd, spread([label["y"] for label in crowd], line_height), strict=True):
+            color = colors[label["method"]]
+            moved = abs(label_y - label["y"]) > 0.3 * line_height
+            ax.annotate(label["method"], label["xy"], textcoords="offset points", xytext=(gap, label_y - label["y"]),
+                        va="center", color=color, fontsize=fontsize,
+                        arrowprops={"arrowstyle": "-", "color": color, "linewidth": 0.6} if moved else None)
+
+
 def plot_tradeoff(path, title, rows):
-    """avg. gap to retrain against RTE, one point per method; the original model's gap as a dashed line."""
+    """avg. gap to retrain against RTE, one point per method; the original model's gap as a dashed line.
+
+    Returns the figure (written to path)."""
     colors = method_colors([row["method"] for row in rows])
     figure = Figure(figsize=(9, 6.5), layout="constrained")
     ax = figure.subplots()
     points = [row for row in rows if row["method"] != "original"
               and row["RTE_s"]["mean"] is not None and row["avg_gap"]["mean"] is not None]
-    rank = {row["method"]: i for i, row in enumerate(sorted(points, key=lambda row: row["RTE_s"]["mean"]))}
     for row in points:
         rte, gap = row["RTE_s"], row["avg_gap"]
         ax.errorbar(rte["mean"], gap["mean"], xerr=rte["std"] or 0, yerr=gap["std"] or 0, fmt="o", markersize=8,
                     capsize=4, color=colors[row["method"]],
                     label="retrain (the reference: gap 0)" if row["method"] == "retrain" else row["method"])
-        ax.annotate(row["method"], (rte["mean"], gap["mean"]), textcoords="offset points",
-                    xytext=(7, 6 if rank[row["method"]] % 2 == 0 else -14))  # neighbours in RTE: one above, one below
     original = next((row for row in rows if row["method"] == "original"), None)
     if original and original["avg_gap"]["mean"] is not None:
         ax.axhline(original["avg_gap"]["mean"], color=colors["original"], linestyle="--",
@@ -338,7 +382,9 @@ def plot_tradeoff(path, title, rows):
     ax.grid(alpha=0.3)
     ax.legend(title="method (±1 std)")
     ax.set_title(title, fontsize=10)
+    label_points(ax, [(row["method"], row["RTE_s"]["mean"], row["avg_gap"]["mean"]) for row in points], colors)
     figure.savefig(path, dpi=110)
+    return figure
 
 
 def write_results(arch, spec, plan):

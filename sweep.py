@@ -458,4 +458,6 @@ class Sweep:
                   "fingerprint": self.expected(run, None if run.from_scratch else original_hash)}
         if run.method == "original":
             record["model_sha256"] = model_sha256(run.checkpoint)
+        if meta.get("curve"):
+            record["curve"] = meta["curve"]  # pretrain/retrain: test accuracy and images/s during training
         return record

@@ -1,5 +1,8 @@
+import subprocess
+import sys
+
 import torch
-from conftest import run_script
+from conftest import ROOT, run_script
 
 import common
 
@@ -72,3 +75,25 @@ def test_loraprune_physical_runs_end_to_end(workdir, cifar_dir, original_weights
     hidden = common.build_model("vit", "smoke").blocks[0].mlp.fc1.out_features
     assert model.blocks[0].mlp.fc1.out_features == hidden // 2
     assert run_script("evaluate.py", out, "--data", cifar_dir, "--device", "cpu") == 0
+
+
+def test_without_torch_pruning_costs_count_params_and_physical_mode_is_one_line(monkeypatch, workdir, cifar_dir,
+                                                                                 original_weights, capsys):
+    model = common.build_model("vit", "smoke")
+    with_macs = common.model_cost(model)
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)  # makes `import torch_pruning` raise ImportError
+    assert common.model_cost(model) == {"params": with_macs["params"], "macs": None}
+    assert run_script("pruneft.py", "--arch", "vit", "--preset", "smoke", "--data", cifar_dir, "--device", "cpu",
+                      "--weights", original_weights("vit"), "--prune-mode", "physical") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --prune-mode physical needs torch-pruning: pip install") and err.count("\n") == 1
+    assert not (workdir / "model_weights").exists()
+
+
+def test_every_script_imports_without_torch_pruning():
+    """A machine without torch-pruning still runs everything but physical pruning: nothing imports it up front."""
+    code = ("import sys; sys.modules['torch_pruning'] = None; sys.path.insert(0, sys.argv[1]); "
+            "import common, bench, reproduce; print(common.model_cost(common.build_model('vit', 'smoke'))['macs'])")
+    done = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None"

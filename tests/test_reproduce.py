@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import run_script, write_synthetic_cifar
+from matplotlib.text import Text
 
 import common
 import reproduce
@@ -125,6 +126,8 @@ def test_sweep_writes_records_and_tables_then_rebuilds_them_without_checkpoints(
     assert original["fingerprint"]["flags"] == ["pretrain.py", "--arch", "resnet50", "--preset", "smoke", "--seed", "0"]
     assert retrain["fingerprint"]["recipe"]["epochs"] == 1 and finetune["fingerprint"]["recipe"]["epochs"] == 1
     assert {"commit", "dirty"} == set(finetune["fingerprint"]["code"])
+    assert original["curve"][-1]["epoch"] == 1 and "test_accuracy" in retrain["curve"][-1]
+    assert "curve" not in finetune
     assert [row["n"] for row in report["summary"]] == [1, 1, 1]
     markdown = (workdir / "results/resnet50-smoke.md").read_text()
     assert markdown.startswith(f"# resnet50 · forget class 3 (cat) · preset smoke · cpu · {original['created'][:10]} · "
@@ -277,3 +280,31 @@ def test_local_launcher_matches_the_sequential_sweep_and_reruns_a_killed_unit(ci
     assert "resnet50 retrain seed 0 ..." in (killed / "logs/resnet50-s0-retrain.log").read_text()
     assert not lock.exists()
     assert metric_summary(killed) == metric_summary(workdir / "sequential")
+
+
+def test_tradeoff_labels_sit_next_to_their_own_points(tmp_path):
+    """Two methods with almost the same RTE and gap: each label names, points at and is coloured like its own point."""
+    def row(method, rte, gap):
+        return {"method": method, "RTE_s": {"mean": rte, "std": None}, "avg_gap": {"mean": gap, "std": None}}
+
+    rows = [row("retrain", 60.0, 0.0), row("finetune", 20.0, 12.0), row("pruneft", 10.0, 2.0),
+            row("loraprune", 10.05, 2.3), row("lora", 35.0, 6.0)]
+    figure = reproduce.plot_tradeoff(tmp_path / "tradeoff.png", "title", rows)
+    assert (tmp_path / "tradeoff.png").read_bytes().startswith(b"\x89PNG")
+    ax = figure.axes[0]
+    figure.draw_without_rendering()
+    labels = {text.get_text(): text for text in ax.texts}
+    assert set(labels) == {r["method"] for r in rows}
+    colors = reproduce.method_colors([r["method"] for r in rows])
+    for r in rows:
+        assert labels[r["method"]].xy == (r["RTE_s"]["mean"], r["avg_gap"]["mean"])
+        assert labels[r["method"]].get_color() == colors[r["method"]]
+    # the label text alone, without the line back to its point
+    box = {m: Text.get_window_extent(text) for m, text in labels.items()}
+    # the two near points: their labels do not overlap, and the higher point has the higher label
+    assert not box["pruneft"].overlaps(box["loraprune"]) and box["loraprune"].y0 > box["pruneft"].y1
+    # each point's nearest label (at its left middle, where labels attach) is its own
+    for r in rows:
+        x, y = ax.transData.transform((r["RTE_s"]["mean"], r["avg_gap"]["mean"]))
+        nearest = min(box, key=lambda m: (box[m].x0 - x) ** 2 + ((box[m].y0 + box[m].y1) / 2 - y) ** 2)
+        assert nearest == r["method"]

@@ -107,3 +107,33 @@ def test_command_line_error_in_a_real_process(tmp_path):
 def test_asking_for_a_missing_gpu_is_one_line(workdir, capsys):
     assert run_script("evaluate.py", "x.pth", "--device", "cuda") == 2
     assert "no CUDA GPU" in one_line_error(capsys)
+
+
+def test_pretrain_records_its_accuracy_curve_without_changing_the_training(cifar_dir, workdir, capsys):
+    smoke = ["--arch", "vit", "--preset", "smoke", "--data", cifar_dir, "--epochs", "3", "--device", "cpu"]
+    assert run_script("pretrain.py", *smoke, "--eval-every", "2", "--out", "curve.pth") == 0
+    out = capsys.readouterr().out
+    assert "original epoch 2/3: test accuracy" in out and "original epoch 3/3: test accuracy" in out
+    assert "epoch 1/3: test" not in out
+    checkpoint = torch.load(workdir / "curve.pth", weights_only=True)
+    curve = checkpoint["meta"]["curve"]
+    assert [point["epoch"] for point in curve] == [2, 3] and checkpoint["meta"]["eval_every"] == 2
+    assert 0 < curve[0]["seconds"] < curve[1]["seconds"] and all(p["images_per_s"] > 0 for p in curve)
+    model = common.load_checkpoint(workdir / "curve.pth")[0]
+    data = common.load_cifar10(cifar_dir, "cpu", "smoke")
+    every_test_image = torch.arange(len(data.test_labels))
+    final = common.accuracy(common.predict(model, data.test_images, every_test_image), data.test_labels)
+    assert curve[-1]["test_accuracy"] == pytest.approx(final, abs=1e-3)
+    assert run_script("pretrain.py", *smoke, "--eval-every", "0", "--out", "quiet.pth") == 0
+    assert ": test accuracy" not in capsys.readouterr().out
+    quiet = torch.load(workdir / "quiet.pth", weights_only=True)
+    assert quiet["meta"]["curve"] == []
+    assert all(torch.equal(quiet["model"][k], checkpoint["model"][k]) for k in quiet["model"])
+
+
+def test_retrain_curve_scores_the_retained_classes(cifar_dir, workdir):
+    assert run_script("retrain.py", "--arch", "vit", "--preset", "smoke", "--data", cifar_dir, "--epochs", "1",
+                      "--forget-class", *range(1, 10), "--out", "one_class.pth") == 0
+    curve = torch.load(workdir / "one_class.pth", weights_only=True)["meta"]["curve"]
+    assert [point["epoch"] for point in curve] == [1]
+    assert curve[0]["test_accuracy"] == 100  # one class retained: every retained test image is of that class
