@@ -756,7 +756,7 @@ def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, 
                 _check_finite(bad_step, bad_loss, desc, epoch, epochs, len(batches))
         _check_finite(bad_step, bad_loss, desc, epoch, epochs, len(batches))
         if after_epoch is not None:
-            after_epoch(epoch + 1)
+            after_epoch(epoch)
     return model
 
 

@@ -81,14 +81,14 @@ def parse_args(argv):
                                              f"{OFFICIAL_LABEL} with --data-archive, else the scripts' own)")
     parser.add_argument("--wheels", metavar="DIR", help="folder of wheels (torch-pruning) installed when "
                                                         "torch_pruning does not import")
-    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
+    parser.add_argument("--time-limit", type=common.positive_float, metavar="SECONDS",
                         help="the job's time, counted from the start of job.py (default: no limit)")
-    parser.add_argument("--reserve", type=float, default=60, metavar="SECONDS",
+    parser.add_argument("--reserve", type=common.nonnegative_float, default=60, metavar="SECONDS",
                         help="time kept back from the sweep for stopping it (SIGTERM, then SIGKILL 10 s later) "
                              "and gathering (default: 60)")
     parser.add_argument("--bench", default="auto", choices=("auto", "always", "never"),
                         help="auto: run bench.py when no record of this device and preset is on file (default)")
-    parser.add_argument("--bench-limit", type=float, default=180, metavar="SECONDS",
+    parser.add_argument("--bench-limit", type=common.nonnegative_float, default=180, metavar="SECONDS",
                         help="the most time bench.py gets (default: 180)")
     parser.add_argument("--preset", choices=common.PRESETS,
                         help="preset of bench.py and reproduce.py (default: full with a GPU, smoke without)")
@@ -100,10 +100,6 @@ def parse_args(argv):
     args.sweep_args = sweep_args
     if args.data_archive and not args.data_label:
         args.data_label = OFFICIAL_LABEL
-    if args.time_limit is not None and args.time_limit <= 0:
-        parser.error(f"--time-limit must be positive, got {args.time_limit:g}")
-    if args.reserve < 0 or args.bench_limit < 0:
-        parser.error("--reserve and --bench-limit must not be negative")
     if args.gather and Path(args.gather).is_file():
         parser.error(f"--gather {args.gather} is a file; give a folder")
     return args
