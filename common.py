@@ -942,10 +942,11 @@ def run_from_scratch(method, doc, argv=None):
 METRIC_KEYS = ("UA", "RA", "TA", "MIA_efficacy")
 
 
-def evaluate_checkpoint(path, data_root, device, spec=None, seed=0, data_cache=None):
+def evaluate_checkpoint(path, data_root, device, spec=None, seed=0, data_cache=None, extra_metrics=None):
     """Metrics of one checkpoint as a dict with keys path, arch, method, UA, RA, TA, MIA_efficacy, RTE_s,
     peak_gpu_mem_mb (and forget, seed, preset). The forget setting is the checkpoint's unless spec is given;
-    a checkpoint without one (the original model) is scored on the default (class 3)."""
+    a checkpoint without one (the original model) is scored on the default (class 3).
+    extra_metrics(model, meta, data, splits, spec) -> dict adds further metrics (representation.py's)."""
     model, meta = load_checkpoint(path, device)
     spec = spec or (ForgetSpec.from_dict(meta["forget"]) if meta.get("forget") else ForgetSpec())
     preset = meta.get("preset", "full")
@@ -953,7 +954,10 @@ def evaluate_checkpoint(path, data_root, device, spec=None, seed=0, data_cache=N
     if (data_root, preset) not in cache:
         cache[(data_root, preset)] = load_cifar10(data_root, device, preset)
     data = cache[(data_root, preset)]
-    metrics = evaluate_model(model, data, make_splits(data.train_labels, data.test_labels, spec), seed)
+    splits = make_splits(data.train_labels, data.test_labels, spec)
+    metrics = evaluate_model(model, data, splits, seed)
+    if extra_metrics is not None:
+        metrics.update(extra_metrics(model, meta, data, splits, spec))
     return {"path": str(path), "arch": meta["arch"], "method": meta["method"], **metrics,
             "RTE_s": meta.get("rte_s"), "peak_gpu_mem_mb": meta.get("peak_gpu_mem_mb"),
             "forget": spec.tag, "seed": meta.get("seed"), "preset": preset}
