@@ -224,20 +224,22 @@ def main(argv=None):
     parser = common.make_parser(__doc__)
     parser.add_argument("--arch", nargs="+", default=list(common.ARCHS), choices=common.ARCHS, help="archs to time")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to time")
-    parser.add_argument("--epochs", type=int, help="unlearning epochs (default: 5, under --preset smoke 1)")
+    parser.add_argument("--epochs", type=common.positive_int,
+                        help="unlearning epochs (default: 5, under --preset smoke 1)")
     parser.add_argument("--preset", default="full", choices=common.PRESETS, help="full or smoke (default: full)")
     parser.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (default: data)")
     parser.add_argument("--data-label", default="CIFAR-10 (JPEG copy)", help="what the data is, for the table")
     common.add_device_argument(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile the project-loop runs (compile time "
                                                                  "reported separately)")
-    parser.add_argument("--limit", type=int, help="use only the first LIMIT training and LIMIT/5 test images "
-                                                   "(full-size models on a CPU)")
+    parser.add_argument("--limit", type=common.number(int, 5),
+                        help="use only the first LIMIT training and LIMIT/5 test images (full-size models on a CPU)")
     parser.add_argument("--out", default="bench", help="folder for results.json and results.md (default: bench)")
     args = parser.parse_args(argv)
     if args.epochs is None:
         args.epochs = common.SMOKE["epochs"] if args.preset == "smoke" else common.PAPER_RECIPE["epochs"]
     out = Path(args.out)
+    common.check_writable(out / "results.json", "--out")
     data_cpu = common.load_cifar10(args.data, "cpu", args.preset)
     if args.limit:
         data_cpu = common.CIFAR10(data_cpu.train_images[:args.limit], data_cpu.train_labels[:args.limit],

@@ -9,13 +9,17 @@ import argparse
 import contextlib
 import copy
 import datetime
+import hashlib
 import json
 import os
 import pickle
+import re
+import signal
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -65,28 +69,110 @@ LORA_DEFAULTS = {
 }
 PRUNE_AMOUNT = 0.5
 PRUNE_MODES = ("mask", "physical")
+BATCHNORM_MODES = ("train", "frozen")
 EVAL_BATCH_SIZE = 1024
+DIVERGENCE_CHECK_STEPS = 50  # steps between host reads of the non-finite-loss flag (one sync each)
 MIA_MAX_SAMPLES = 5000
 
 
 class UserError(Exception):
-    """A problem with the user's input: reported as one line, exit status 1."""
+    """A problem with the user's input (a file, a combination of flags): reported as one line, exit status 1."""
+    exit_status = 1
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite: training stops and nothing is written; exit status 3."""
+    exit_status = 3
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (e.g. a cluster's preemption), raised as a KeyboardInterrupt so that the same clean-up runs."""
+
+
+_written = []  # files this command has written so far, for the message after an interruption
+_cli_depth = 0
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
 
 
 def cli(main, argv=None):
-    """Run main(argv), turning a UserError into a one-line message and a non-zero exit."""
+    """Run main(argv): a UserError becomes a one-line message and its exit status; Ctrl-C (130) and SIGTERM (143)
+    stop it with one line saying which files, if any, it had written. A nested call (continual.py running a method
+    script in-process) lets interruptions through to the outermost one."""
+    global _cli_depth
+    outermost = _cli_depth == 0
+    previous_handler = None
+    if outermost:
+        _written.clear()
+        with contextlib.suppress(ValueError):  # only the main thread may install signal handlers
+            previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    _cli_depth += 1
     try:
         return main(argv)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(error.exit_status)
+    except KeyboardInterrupt as interruption:
+        if not outermost:
+            raise
+        kept = f"wrote {', '.join(map(str, _written))} before stopping" if _written else "nothing written"
+        print(f"interrupted: {kept}; other existing files unchanged", file=sys.stderr)
+        sys.exit(143 if isinstance(interruption, Terminated) else 130)
+    finally:
+        _cli_depth -= 1
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports bad arguments in one line (exit status 2)."""
+    """argparse that reports bad arguments in one line (exit status 2) and shows each number flag's valid range."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def add_argument(self, *args, **kwargs):
+        valid = getattr(kwargs.get("type"), "valid", None)
+        if valid and kwargs.get("help"):
+            kwargs["help"] += f" [{valid}]"
+        return super().add_argument(*args, **kwargs)
+
+
+def number(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: a finite int or float in [low, high] (open where asked); its range text is .valid."""
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        bounds.append(f"{'<' if high_open else '<='} {high}")
+    noun = "integer" if kind is int else "number" if high is not None else "finite number"
+    valid = f"{noun} {' and '.join(bounds)}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = float("nan")
+        above_low = low is None or value > low or (value == low and not low_open)
+        below_high = high is None or value < high or (value == high and not high_open)
+        finite = value == value and abs(value) != float("inf")  # NaN is the one value unequal to itself
+        if not (finite and above_low and below_high):
+            raise argparse.ArgumentTypeError(f"expected {'an' if kind is int else 'a'} {valid}, got {text!r}")
+        return value
+    parse.valid = valid
+    parse.__name__ = valid.replace(" ", "_")
+    return parse
+
+
+positive_int = number(int, 1)
+nonnegative_int = number(int, 0)
+seed_int = number(int, 0, 2**32 - 1)  # numpy's seed range
+positive_float = number(float, 0, low_open=True)
+nonnegative_float = number(float, 0)
+open_unit_interval = number(float, 0, 1, low_open=True, high_open=True)
+unit_interval_open_above = number(float, 0, 1, high_open=True)
+unit_interval_open_below = number(float, 0, 1, low_open=True)
 
 
 def make_parser(doc):
@@ -105,14 +191,40 @@ class CIFAR10:
     test_labels: torch.Tensor
 
 
-def _read_batches(folder, names):
-    images, labels = [], []
-    for name in names:
-        with open(folder / name, "rb") as f:
+def _read_batch(path):
+    """(images uint8 [N, 3, 32, 32], labels int64 [N]) of one CIFAR-10 pickle, checked; a UserError names the file."""
+    try:
+        with open(path, "rb") as f:
             batch = pickle.load(f, encoding="latin1")
-        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE))
-        labels.append(np.asarray(batch["labels"], dtype=np.int64))
-    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
+    except Exception as error:  # unpickling raises many types on truncated or foreign files
+        raise UserError(f"{path} is not a CIFAR-10 batch: it does not unpickle ({type(error).__name__}); "
+                        f"the file is truncated or corrupt, download it again") from None
+    if not isinstance(batch, dict) or not {"data", "labels"} <= batch.keys():
+        raise UserError(f"{path} is not a CIFAR-10 batch: expected a dict with 'data' and 'labels'")
+    try:
+        data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"])
+    except Exception:
+        raise UserError(f"{path} is not a CIFAR-10 batch: 'data' and 'labels' are not arrays") from None
+    pixels = 3 * IMAGE_SIZE * IMAGE_SIZE
+    if data.ndim != 2 or data.shape[1] != pixels or data.dtype != np.uint8:
+        raise UserError(f"{path} is not a CIFAR-10 batch: 'data' is {data.dtype} {list(data.shape)}, "
+                        f"expected uint8 [N, {pixels}]")
+    if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path} is not a CIFAR-10 batch: {len(data)} images but 'labels' is {labels.dtype} "
+                        f"{list(labels.shape)}, expected {len(data)} integers")
+    if len(labels) and not 0 <= labels.min() <= labels.max() < NUM_CLASSES:
+        raise UserError(f"{path}: labels must lie in 0..{NUM_CLASSES - 1}, found {labels.min()}..{labels.max()}")
+    return data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE), labels.astype(np.int64)
+
+
+def _read_batches(folder, names):
+    images, labels = zip(*(_read_batch(folder / name) for name in names), strict=True)
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    if not len(labels):
+        raise UserError(f"{folder}: {', '.join(names)} hold no images")
+    return torch.from_numpy(images), torch.from_numpy(labels)
 
 
 def _first_per_class(labels, k):
@@ -203,9 +315,14 @@ class ForgetSpec:
 
     @property
     def tag(self):
-        """Short name for file names: class3, class3-5, random10 (random10-seed1 for another forget seed)."""
+        """Short, exact name for file names: class3, class3-5, random10 (random10-seed1 for another forget seed).
+
+        The percentage is written out exactly, with p for the decimal point (0.1000001 -> random10p00001), so
+        two different fractions never share a tag and the tag holds no dot that could pass for a file suffix."""
         if self.random_fraction is not None:
-            return f"random{self.random_fraction * 100:g}" + (f"-seed{self.seed}" if self.seed else "")
+            percent = format(Decimal(repr(self.random_fraction)) * 100, "f")
+            percent = percent.rstrip("0").rstrip(".") if "." in percent else percent
+            return f"random{percent.replace('.', 'p')}" + (f"-seed{self.seed}" if self.seed else "")
         return "class" + "-".join(str(c) for c in self.classes)
 
     def to_dict(self):
@@ -258,9 +375,9 @@ def forget_spec_from_args(args):
 def add_forget_arguments(parser):
     parser.add_argument("--forget-class", type=int, nargs="+", choices=range(NUM_CLASSES), metavar="C",
                         help=f"forget every training image of these classes, 0-9 (default: {DEFAULT_FORGET_CLASS})")
-    parser.add_argument("--forget-random", type=float, metavar="FRACTION",
+    parser.add_argument("--forget-random", type=open_unit_interval, metavar="FRACTION",
                         help="forget a seeded random FRACTION of the training images instead")
-    parser.add_argument("--forget-seed", type=int, default=0, help="seed of the random forget subset (default: 0)")
+    parser.add_argument("--forget-seed", type=seed_int, default=0, help="seed of the random forget subset (default: 0)")
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -318,16 +435,50 @@ def prune_targets(model):
 def prune(model, amount=PRUNE_AMOUNT, mode="mask"):
     """Zero the `amount` share of output channels/features with the smallest L2 norm, per layer.
 
-    The mask stays attached (torch.nn.utils.prune), so pruned weights stay exactly zero while training;
-    a layer's bias entries of pruned outputs are masked too, so a pruned unit outputs exactly zero.
-    mode="physical" removes the channels instead (prune_physically)."""
+    The mask stays attached (torch.nn.utils.prune), so pruned weights stay exactly zero while training.
+    A layer's bias entries of pruned outputs are masked too, and so are the weight and bias of the BatchNorm
+    that normalises its output (every ResNet conv has one), so a pruned unit outputs exactly zero after its
+    normalisation, in train and eval mode. mode="physical" removes the channels instead (prune_physically)."""
     if mode == "physical":
         return prune_physically(model, amount) if amount else model
-    for layer in prune_targets(model):
+    layers = prune_targets(model)
+    norms = batchnorm_after(model, layers)
+    for layer in layers:
         torch_prune.ln_structured(layer, "weight", amount=amount, n=2, dim=0)
+        mask = output_mask(layer)
         if layer.bias is not None:
-            torch_prune.custom_from_mask(layer, "bias", output_mask(layer))
+            torch_prune.custom_from_mask(layer, "bias", mask)
+        if layer in norms:
+            for name in ("weight", "bias"):
+                torch_prune.custom_from_mask(norms[layer], name, mask)
     return model
+
+
+def batchnorm_after(model, layers):
+    """{layer: the BatchNorm that directly normalises its output}, found by tracing one forward pass."""
+    outputs, found = {}, {}
+
+    def remember_output(layer, inputs, output):
+        outputs[layer] = output
+
+    def match_input(norm, inputs):
+        for layer, output in outputs.items():
+            if inputs[0] is output:
+                found[layer] = norm
+
+    hooks = [layer.register_forward_hook(remember_output) for layer in layers]
+    hooks += [m.register_forward_pre_hook(match_input) for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=next(model.parameters()).device)
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)  # eval mode: the BatchNorm statistics stay as they are
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(training)
+    return found
 
 
 def prune_physically(model, amount=PRUNE_AMOUNT):
@@ -381,7 +532,7 @@ def model_cost(model):
 
 def output_mask(layer):
     """1 for each output channel/feature of a pruned layer that survives, 0 for each pruned one."""
-    return layer.weight_mask.flatten(1).amax(1)
+    return layer.weight_mask.reshape(len(layer.weight_mask), -1).amax(1)
 
 
 def pruned_layers(model):
@@ -400,13 +551,17 @@ class LoraSettings:
 
 
 def lora_settings(arch, args, model):
-    """LoRA settings from the arch's defaults, overridden by --lora-* flags."""
+    """LoRA settings from the arch's defaults, overridden by the --lora-* flags that were given (0 included)."""
     defaults = LORA_DEFAULTS[arch]
     last_block = len(model.blocks) - 1 if hasattr(model, "blocks") else 0
-    targets = args.lora_targets or defaults["targets"].replace("{last}", str(last_block))
-    train_full = defaults["train_full"] if args.lora_train_full is None else args.lora_train_full
-    return LoraSettings(args.lora_rank or defaults["rank"], args.lora_alpha or defaults["alpha"],
-                        defaults["dropout"] if args.lora_dropout is None else args.lora_dropout, targets, train_full)
+
+    def flag_or_default(flag, key):
+        value = getattr(args, flag)
+        return defaults[key] if value is None else value
+    return LoraSettings(flag_or_default("lora_rank", "rank"), flag_or_default("lora_alpha", "alpha"),
+                        flag_or_default("lora_dropout", "dropout"),
+                        flag_or_default("lora_targets", "targets").replace("{last}", str(last_block)),
+                        flag_or_default("lora_train_full", "train_full"))
 
 
 def add_lora(model, settings, example_input):
@@ -518,18 +673,27 @@ def l1_norm(model):
     return sum(p.abs().sum() for p in model.parameters() if p.requires_grad)
 
 
-def saliency_mask(model, batches, share):
+def saliency_mask(model, batches, share, step_lr=None):
     """SalUn's weight saliency: {parameter name: bool mask shaped like it}, True for the `share` of all trainable
-    weights (one ranking across the model) with the largest |gradient of the cross-entropy summed over batches|."""
+    weights (one ranking across the model) with the largest |gradient of the forget loss -CE summed over batches|,
+    in eval mode. By default every gradient is taken at the model's weights (the SalUn paper's equation). With
+    step_lr, a copy of the model takes an SGD step (momentum, weight decay: make_sgd) on -CE after every batch,
+    as a version of SalUn's generate_mask.py does, so the gradients are summed along that path; the model itself
+    is left unchanged either way."""
+    if step_lr is not None:
+        model = copy.deepcopy(model)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = make_sgd(params.values(), step_lr) if step_lr is not None else None
     saliency = {name: torch.zeros_like(p) for name, p in params.items()}
     model.eval()
     for inputs, labels in batches:
         model.zero_grad(set_to_none=True)
-        cross_entropy(model, inputs, labels).backward()
+        (-cross_entropy(model, inputs, labels)).backward()
         for name, p in params.items():
             if p.grad is not None:
                 saliency[name] += p.grad
+        if optimizer is not None:
+            optimizer.step()
     model.zero_grad(set_to_none=True)
     flat = torch.cat([s.abs().flatten() for s in saliency.values()])
     keep = torch.zeros_like(flat, dtype=torch.bool)
@@ -539,17 +703,32 @@ def saliency_mask(model, batches, share):
 
 
 def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, optimizer=None, scheduler=None,
-          before_step=None, desc="train"):
+          before_step=None, desc="train", freeze_batchnorm=False):
     """The one training loop: Adam + cross-entropy by default, bf16 autocast on GPU, no host syncs per step.
 
-    loss_fn(model, inputs, labels) -> scalar; before_step() runs between backward and the optimizer step."""
+    loss_fn(model, inputs, labels) -> scalar; before_step() runs between backward and the optimizer step.
+    freeze_batchnorm keeps BatchNorm layers in eval mode: they normalise with, and keep, their running statistics.
+    A NaN or infinite loss raises TrainingDiverged naming the epoch and step."""
     device = next(model.parameters()).device
     optimizer = optimizer or make_adam((p for p in model.parameters() if p.requires_grad), lr)
     model.train()
-    for epoch in range(epochs):
-        for inputs, labels in tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=None):
+    if freeze_batchnorm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    # Reading the loss on the host every step would stall the GPU queue. Instead the first non-finite step and
+    # its loss are kept on the device and read every DIVERGENCE_CHECK_STEPS steps and at each epoch's end.
+    bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+    bad_loss = torch.zeros((), device=device)
+    for epoch in range(1, epochs + 1):
+        step = 0
+        for step, (inputs, labels) in enumerate(tqdm(batches, desc=f"{desc} epoch {epoch}/{epochs}", leave=False,
+                                                     disable=None), start=1):
             with autocast(device):
                 loss = loss_fn(model, inputs, labels)
+            first_bad = (bad_step < 0) & ~torch.isfinite(loss.detach())
+            bad_step = torch.where(first_bad, step, bad_step)
+            bad_loss = torch.where(first_bad, loss.detach().float(), bad_loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if before_step is not None:
@@ -557,7 +736,17 @@ def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, 
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
+            if step % DIVERGENCE_CHECK_STEPS == 0:
+                _check_finite(bad_step, bad_loss, desc, epoch, epochs, len(batches))
+        _check_finite(bad_step, bad_loss, desc, epoch, epochs, len(batches))
     return model
+
+
+def _check_finite(bad_step, bad_loss, desc, epoch, epochs, steps):
+    if bad_step.item() >= 0:
+        raise TrainingDiverged(f"training diverged ({desc}): the loss became {bad_loss.item()} at epoch "
+                               f"{epoch}/{epochs}, step {bad_step.item()}/{steps}; no checkpoint written "
+                               f"(a lower --lr may help)")
 
 
 def train_from_scratch(model, data, idx, recipe, seed, desc="pretrain"):
@@ -588,6 +777,59 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def deterministic_mode(enabled):
+    """With enabled, only deterministic kernels inside the block (an op without one raises), cuDNN autotuning off;
+    the previous settings come back afterwards. CUBLAS_WORKSPACE_CONFIG must be set before cuBLAS starts, so
+    this runs before the model or the data reach the GPU."""
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    except RuntimeError as error:
+        if "deterministic" not in str(error):
+            raise
+        raise UserError(f"--deterministic: {str(error).splitlines()[0]}") from None
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
+
+
+def warm_up(model, inputs, labels):
+    """One untimed forward and backward pass (bf16 autocast on GPU, train mode), so that CUDA, cuBLAS and cuDNN
+    start-up falls outside the RTE. The model is left exactly as it was: its buffers (BatchNorm statistics) and
+    the RNG states (dropout) are restored, the gradients cleared, and no optimizer steps."""
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(inputs.device) if inputs.is_cuda else None
+    training = model.training
+    model.train()
+    with autocast(inputs.device):
+        loss = cross_entropy(model, inputs, labels)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng, inputs.device)
+        torch.cuda.synchronize(inputs.device)
+    model.train(training)
+
+
+def warm_up_on(model, data, idx, batch_size):
+    """warm_up on the first batch_size images of images[idx] (no shuffling, so no batch generator moves)."""
+    first = idx[:batch_size]
+    warm_up(model, normalize(data.train_images[first]), data.train_labels[first])
+
+
 class Measure:
     """Times a block (device synchronised) and records its peak GPU memory; `with Measure(device) as m:`."""
 
@@ -613,13 +855,15 @@ class Measure:
 
 @torch.no_grad()
 def predict(model, images, idx, batch_size=EVAL_BATCH_SIZE):
-    """Softmax probabilities of model on images[idx], float32 [len(idx), classes]."""
+    """Softmax probabilities of model on images[idx], float32 [len(idx), classes].
+
+    Runs in fp32, without the training loop's bf16 autocast, as the methods' official evaluations do: every
+    metric (arg-max, the MIA's confidences) comes from fp32 logits."""
     model.eval()
     device = next(model.parameters()).device
     probs = []
     for start in range(0, len(idx), batch_size):
-        with autocast(device):
-            logits = model(normalize(images[idx[start:start + batch_size]]))
+        logits = model(normalize(images[idx[start:start + batch_size]]))
         probs.append(logits.float().softmax(1))
     return torch.cat(probs) if probs else torch.zeros(0, NUM_CLASSES, device=device)
 
@@ -683,48 +927,121 @@ def save_checkpoint(path, model, meta):
         with os.fdopen(fd, "wb") as f:
             torch.save({"model": state, "meta": meta}, f)
         os.replace(tmp, path)
+        _written.append(path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def load_checkpoint(path, device="cpu", arch=None):
-    """(model, meta) from a checkpoint written by save_checkpoint; arch, if given, must match."""
+    """(model, meta) from a checkpoint written by save_checkpoint; arch, if given, must match.
+
+    Every way the file can be wrong (unreadable, not a checkpoint, malformed meta, weights that do not fit the
+    arch its meta names) is a one-line UserError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         state, meta = checkpoint["model"], checkpoint["meta"]
+        meta_arch, preset = meta["arch"], meta.get("preset", "full")
+        if meta.get("forget"):
+            ForgetSpec.from_dict(meta["forget"])
     except Exception as error:
         raise UserError(f"{path} is not a checkpoint of this project ({type(error).__name__})") from None
-    if arch is not None and meta["arch"] != arch:
-        raise UserError(f"{path} holds a {meta['arch']} model, not {arch}: pass --arch {meta['arch']} or other weights")
-    model = build_model(meta["arch"], meta.get("preset", "full"))
-    if meta.get("prune_mode") == "physical":
-        resize_to_state(model, state)
-    model.load_state_dict(state)
+    if meta_arch not in ARCHS or preset not in PRESETS:
+        raise UserError(f"{path} names an unknown arch or preset ({meta_arch!r}, {preset!r})")
+    if arch is not None and meta_arch != arch:
+        raise UserError(f"{path} holds a {meta_arch} model, not {arch}: pass --arch {meta_arch} or other weights")
+    model = build_model(meta_arch, preset)
+    try:
+        if meta.get("prune_mode") == "physical":
+            resize_to_state(model, state)
+        model.load_state_dict(state)
+    except Exception:
+        raise UserError(f"{path} is not a checkpoint of arch {meta_arch} ({preset} preset"
+                        f"{', physically pruned' if meta.get('prune_mode') == 'physical' else ''}): "
+                        f"{state_mismatch(build_model(meta_arch, preset), state)}") from None
     return model.to(device), meta
 
 
-def weights_path(arch, method, preset="full", spec=None, seed=None):
-    """model_weights/{arch}_{method}.pth, with the preset, a non-default forget setting and a seed marked."""
+def state_mismatch(model, state):
+    """A short description of how state differs from model's state dict: counts and one example."""
+    if not isinstance(state, dict):
+        return f"its weights are a {type(state).__name__}, not a state dict"
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [k for k in expected if k in state and getattr(state[k], "shape", None) != expected[k].shape]
+    parts = [f"{len(keys)} {what}" for keys, what in ((missing, "missing"), (unexpected, "unexpected"),
+                                                       (shapes, "mis-shaped")) if keys]
+    example = (missing or unexpected or shapes or ["?"])[0]
+    return f"{', '.join(parts) or 'incompatible'} tensors (e.g. {example})"
+
+
+def weights_path(arch, method, preset="full", spec=None, seed=None, settings=None):
+    """model_weights/{arch}_{method}.pth, with the preset, a non-default forget setting, the non-default
+    model-changing settings ({flag: text}, see name_settings) and a seed marked, e.g.
+    model_weights/resnet50-smoke_class3-5_loraprune_lora-rank=4_prune-mode=physical_s1.pth."""
     name = arch + ("-smoke" if preset == "smoke" else "")
     if spec is not None and spec != ForgetSpec():
         name += f"_{spec.tag}"
     name += f"_{method}"
+    for flag, text in (settings or {}).items():
+        name += f"_{flag}" if text is None else f"_{flag}={text}"
     if seed is not None:
         name += f"_s{seed}"
     return WEIGHTS_DIR / f"{name}.pth"
 
 
+# Flags that are part of the name already (arch, preset, forget setting, seed) or do not change what is learnt.
+NAMED_OR_NEUTRAL_FLAGS = {"help", "arch", "preset", "seed", "forget_class", "forget_random", "forget_seed", "data",
+                          "device", "deterministic", "out", "weights"}
+
+
+def setting_text(value):
+    """An exact, file-name-safe text of a flag's value: repr of numbers, lists joined by '-', a hash otherwise."""
+    if isinstance(value, (list, tuple)):
+        return "-".join(setting_text(v) for v in value) if value else "none"
+    text = repr(value) if isinstance(value, float) else str(value)
+    if re.fullmatch(r"[\w.+-]+", text):
+        return text
+    return "h" + hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def name_settings(parser, args, recipe):
+    """{flag: text} of every parsed flag that changes the model and differs from its default, in parser order.
+
+    Generic, so that a flag a script adds (e.g. --prune-mode, --lora-rank, --l1-alpha) changes the default
+    checkpoint name without being listed here. --epochs, --lr and --batch-size are compared with the recipe's
+    values; --weights adds from={its file stem} unless that stem is the original model's, e.g. resnet50_original."""
+    settings = {}
+    for action in parser._actions:
+        if action.dest in NAMED_OR_NEUTRAL_FLAGS or not action.option_strings:
+            continue
+        value = getattr(args, action.dest, None)
+        default = recipe.get(action.dest, action.default)
+        if value is None or value == default:
+            continue
+        flag = action.option_strings[-1].lstrip("-")
+        settings[flag] = None if value is True else setting_text(value)
+    weights = getattr(args, "weights", None)
+    if weights and Path(weights).stem != weights_path(args.arch, "original", args.preset).stem:
+        settings["from"] = setting_text(Path(weights).stem)
+    return settings
+
+
 def write_json(path, obj):
-    """Write JSON atomically."""
+    """Write JSON atomically: a temporary file, then a rename (an interruption leaves the old file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+        _written.append(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------- script plumbing
@@ -750,43 +1067,83 @@ def add_common_arguments(parser):
     parser.add_argument("--arch", default="resnet50", choices=ARCHS, help="model (default: resnet50)")
     parser.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (default: data)")
     add_forget_arguments(parser)
-    parser.add_argument("--epochs", type=int, help="training epochs (default: the recipe's)")
-    parser.add_argument("--batch-size", type=int, help="batch size (default: the recipe's)")
-    parser.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of init, shuffling and dropout (default: 0)")
+    parser.add_argument("--epochs", type=positive_int, help="training epochs (default: the recipe's)")
+    parser.add_argument("--batch-size", type=positive_int, help="batch size (default: the recipe's)")
+    parser.add_argument("--lr", type=positive_float, help="learning rate (default: the recipe's)")
+    add_seed_argument(parser, "seed of init, shuffling and dropout")
     add_device_argument(parser)
-    parser.add_argument("--out", help="checkpoint to write (default: model_weights/{arch}_{method}.pth)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="use only deterministic GPU kernels (slower; an op without one is an error)")
+    parser.add_argument("--out", help="checkpoint to write (default: model_weights/{arch}_{method}.pth, "
+                                      "with every non-default setting in the name)")
     parser.add_argument("--preset", default="full", choices=PRESETS,
                         help="full: the paper's settings; smoke: a tiny CPU configuration for checks (default: full)")
 
 
-def add_method_arguments(parser):
-    """Flags of the unlearning scripts: source weights, pruning, LoRA."""
+def add_seed_argument(parser, what):
+    parser.add_argument("--seed", type=seed_int, default=0, help=f"{what} (default: 0)")
+
+
+def add_weights_argument(parser):
     parser.add_argument("--weights", help="original model to unlearn from (default: model_weights/{arch}_original.pth)")
-    parser.add_argument("--prune-amount", type=float, default=PRUNE_AMOUNT,
+
+
+def add_prune_arguments(parser):
+    parser.add_argument("--prune-amount", type=unit_interval_open_above, default=PRUNE_AMOUNT,
                         help="share of output channels/features pruned per layer (default: 0.5)")
     parser.add_argument("--prune-mode", default="mask", choices=PRUNE_MODES,
                         help="mask: zero pruned channels in place, as in the paper; physical: remove them with "
                              "torch-pruning, so training and inference run on a smaller network (default: mask)")
-    parser.add_argument("--lora-rank", type=int, help="LoRA rank (default: 8 for resnet50, 16 for vit)")
-    parser.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: 16 for resnet50, 32 for vit)")
-    parser.add_argument("--lora-dropout", type=float, help="LoRA dropout (default: 0.1)")
+
+
+def add_lora_arguments(parser):
+    parser.add_argument("--lora-rank", type=positive_int, help="LoRA rank (default: 8 for resnet50, 16 for vit)")
+    parser.add_argument("--lora-alpha", type=positive_int, help="LoRA alpha (default: 16 for resnet50, 32 for vit)")
+    parser.add_argument("--lora-dropout", type=unit_interval_open_above, help="LoRA dropout (default: 0.1)")
     parser.add_argument("--lora-targets", help="regex of module names given adapters (default: per arch, see README)")
     parser.add_argument("--lora-train-full", nargs="*",
                         help="modules trained in full beside the adapters (default: fc for resnet50, none for vit)")
 
 
+def add_method_arguments(parser, prune=True, lora=True):
+    """Flags of the unlearning scripts: source weights and, for the methods that use them, pruning and LoRA."""
+    add_weights_argument(parser)
+    if prune:
+        add_prune_arguments(parser)
+    if lora:
+        add_lora_arguments(parser)
+
+
+def check_writable(path, flag="--out"):
+    """Refuse, before any work is done, an output path that is a folder or lies where no file can be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file path")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{flag} {path} exists and is not a regular file")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write {flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"cannot write {flag} {path}: {parent if not path.exists() else path} is not writable")
+    return path
+
+
 def check_out_path(args, default):
-    """The output path, refusing a folder or an unwritable place before any work is done."""
-    out = Path(args.out) if args.out else default
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give a file path ending in .pth")
-    return out
+    """The output path (--out or the default), checked writable before any work is done."""
+    return check_writable(Path(args.out) if args.out else default)
+
+
+def preset_recipe(recipe, preset, smoke):
+    """A copy of recipe with the smoke preset's values under --preset smoke."""
+    return dict(recipe, **(smoke if preset == "smoke" else {}))
 
 
 def with_overrides(recipe, args, smoke):
     """A copy of recipe with the smoke preset's values (under --preset smoke) and --epochs/--lr/--batch-size."""
-    recipe = dict(recipe, **(smoke if args.preset == "smoke" else {}))
+    recipe = preset_recipe(recipe, args.preset, smoke)
     recipe.update({k: getattr(args, k) for k in ("epochs", "lr", "batch_size") if getattr(args, k) is not None})
     return recipe
 
@@ -831,33 +1188,51 @@ class Context:
         return add_lora(model, self.lora, self.example_input())
 
 
+def add_batchnorm_argument(parser):
+    """--bn of the LoRA scripts: whether BatchNorm statistics may move while the adapters train."""
+    parser.add_argument("--bn", default="train", choices=BATCHNORM_MODES,
+                        help="train: BatchNorm layers run in train mode, so their running statistics move to the "
+                             "retain set's (the paper's behaviour); frozen: they stay in eval mode and keep the "
+                             "original model's statistics (default: train; the ViT has no BatchNorm)")
+
+
 def train_on_retain(model, ctx):
-    """The paper's training step: cross-entropy on the retain set."""
-    return train(model, ctx.retain_batches(), ctx.epochs, ctx.lr, desc=ctx.args.method)
+    """The paper's training step: cross-entropy on the retain set (BatchNorm in eval mode under --bn frozen)."""
+    batchnorm = getattr(ctx.args, "bn", None)  # only the LoRA scripts have --bn
+    if batchnorm is not None:
+        ctx.hyperparameters = {**(ctx.hyperparameters or {}), "bn": batchnorm}
+    return train(model, ctx.retain_batches(), ctx.epochs, ctx.lr, desc=ctx.args.method,
+                 freeze_batchnorm=batchnorm == "frozen")
 
 
-def run_method(method, unlearn, doc, argv=None, add_arguments=None, fit=train_on_retain):
+def run_method(method, unlearn, doc, argv=None, add_arguments=None, fit=train_on_retain, prunes=False,
+               uses_lora=False):
     """Command-line entry of an unlearning script: load the original, unlearn(model, ctx), fit, save.
 
     unlearn prepares the model (prune, attach LoRA, ...) and returns it; fit(model, ctx) trains it
-    (cross-entropy on the retain set unless the method brings its own). Both are timed as the RTE."""
+    (cross-entropy on the retain set unless the method brings its own). Both are timed as the RTE.
+    prunes / uses_lora give the script the --prune-* / --lora-* flags; a script without them rejects them."""
     def main(argv):
         parser = make_parser(doc)
         add_common_arguments(parser)
-        add_method_arguments(parser)
+        add_method_arguments(parser, prune=prunes, lora=uses_lora)
         if add_arguments is not None:
             add_arguments(parser)
         args = parser.parse_args(argv)
         args.method = method
-        return unlearn_and_save(args, unlearn, fit)
+        recipe = preset_recipe(getattr(args, "recipe", PAPER_RECIPE), args.preset,
+                               {"epochs": SMOKE["epochs"], "batch_size": SMOKE["batch_size"]})
+        with deterministic_mode(args.deterministic):
+            return unlearn_and_save(args, unlearn, fit, name_settings(parser, args, recipe))
     return cli(main, argv)
 
 
-def unlearn_and_save(args, unlearn, fit=train_on_retain):
+def unlearn_and_save(args, unlearn, fit=train_on_retain, settings=None):
+    """Load the original model and data, unlearn and fit, then save; every input is checked before training.
+
+    settings: the non-default model-changing flags (name_settings), named in the default output path."""
     spec = forget_spec_from_args(args) or ForgetSpec()
-    if not 0 <= args.prune_amount < 1:
-        raise UserError(f"--prune-amount must lie in [0, 1), got {args.prune_amount}")
-    out = check_out_path(args, weights_path(args.arch, args.method, args.preset, spec))
+    out = check_out_path(args, weights_path(args.arch, args.method, args.preset, spec, settings=settings))
     source = Path(args.weights) if args.weights else weights_path(args.arch, "original", args.preset)
     if not source.is_file():
         smoke = " --preset smoke" if args.preset == "smoke" else ""
@@ -870,24 +1245,38 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain):
         raise UserError(f"{source} was trained with --preset {source_meta.get('preset')}, not {args.preset}")
     data = load_cifar10(args.data, device, args.preset)
     splits = make_splits(data.train_labels, data.test_labels, spec)
+    check_splits(splits, spec, args.data)
     recipe = with_overrides(getattr(args, "recipe", PAPER_RECIPE), args,
                             {"epochs": SMOKE["epochs"], "batch_size": SMOKE["batch_size"]})
     ctx = Context(args, data, splits, spec, device, recipe["epochs"], recipe["lr"], recipe["batch_size"])
     if getattr(args, "needs_original", False):
         ctx.original = copy.deepcopy(model)
     seed_everything(args.seed)
+    print(f"{args.method}: {len(splits.retain_idx)} retain and {len(splits.forget_idx)} forget images, "
+          f"{ctx.epochs} epoch(s) on {device_name(device)}", flush=True)
+    warm_up_on(model, data, splits.retain_idx, ctx.batch_size)
     with Measure(device) as measure:
         model = fit(unlearn(model, ctx), ctx)
     model = finalize(model)
     meta = run_meta(args, spec, ctx.epochs, ctx.lr, ctx.batch_size, len(splits.retain_idx), measure)
     meta.update(source_weights=str(source), prune_amount=ctx.prune_amount,
                 prune_mode=ctx.prune_mode if ctx.prune_amount else None,
-                lora=asdict(ctx.lora) if ctx.lora else None, **model_cost(model))
+                lora=asdict(ctx.lora) if ctx.lora else None, settings=settings or {}, **model_cost(model))
     if ctx.hyperparameters:
         meta["hyperparameters"] = ctx.hyperparameters
     save_checkpoint(out, model, meta)
     report_saved(out, meta)
     return out
+
+
+def check_splits(splits, spec, data_root):
+    """Refuse a forget or retain set without images (e.g. a class absent from a subset of the data)."""
+    what = f"random {spec.random_fraction}" if spec.random_fraction is not None else \
+        f"class {', '.join(map(str, spec.classes))}"
+    if not len(splits.forget_idx):
+        raise UserError(f"the forget set ({what}) holds no training image of the data under {data_root}")
+    if not len(splits.retain_idx):
+        raise UserError(f"the retain set is empty: the forget set ({what}) covers every training image")
 
 
 def run_meta(args, spec, epochs, lr, batch_size, train_images, measure):
@@ -896,7 +1285,8 @@ def run_meta(args, spec, epochs, lr, batch_size, train_images, measure):
             "forget": spec.to_dict() if spec else None, "seed": args.seed, "epochs": epochs, "lr": lr,
             "batch_size": batch_size, "train_images": train_images, "prune_amount": None, "prune_mode": None,
             "lora": None, "rte_s": measure.seconds, "peak_gpu_mem_mb": measure.peak_gpu_mem_mb,
-            "device": device_name(args.device), "versions": library_versions(),
+            "device": device_name(args.device), "deterministic": getattr(args, "deterministic", False),
+            "versions": library_versions(),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
@@ -915,22 +1305,31 @@ def run_from_scratch(method, doc, argv=None):
         spec = (forget_spec_from_args(args) or ForgetSpec()) if method == "retrain" else None
         if method != "retrain" and forget_spec_from_args(args) is not None:
             raise UserError("pretrain.py trains on every training image; forget flags belong to retrain.py")
-        out = check_out_path(args, weights_path(args.arch, method, args.preset, spec))
-        device = torch.device(args.device)
-        data = load_cifar10(args.data, device, args.preset)
-        idx = (make_splits(data.train_labels, data.test_labels, spec).retain_idx if spec
-               else torch.arange(len(data.train_labels), device=device))
-        recipe = with_overrides(PRETRAIN_RECIPES[args.arch], args,
-                                {"epochs": SMOKE["pretrain_epochs"], "batch_size": SMOKE["batch_size"]})
-        seed_everything(args.seed)
-        model = to_device(build_model(args.arch, args.preset), device)
-        with Measure(device) as measure:
-            train_from_scratch(model, data, idx, recipe, args.seed, desc=method)
-        meta = run_meta(args, spec, recipe["epochs"], recipe["lr"], recipe["batch_size"], len(idx), measure)
-        meta["recipe"] = recipe
-        save_checkpoint(out, model, meta)
-        test_accuracy = accuracy(predict(model, data.test_images, torch.arange(len(data.test_labels), device=device)),
-                                 data.test_labels)
+        smoke = {"epochs": SMOKE["pretrain_epochs"], "batch_size": SMOKE["batch_size"]}
+        settings = name_settings(parser, args, preset_recipe(PRETRAIN_RECIPES[args.arch], args.preset, smoke))
+        out = check_out_path(args, weights_path(args.arch, method, args.preset, spec, settings=settings))
+        with deterministic_mode(args.deterministic):
+            device = torch.device(args.device)
+            data = load_cifar10(args.data, device, args.preset)
+            if spec:
+                splits = make_splits(data.train_labels, data.test_labels, spec)
+                check_splits(splits, spec, args.data)
+                idx = splits.retain_idx
+            else:
+                idx = torch.arange(len(data.train_labels), device=device)
+            recipe = with_overrides(PRETRAIN_RECIPES[args.arch], args, smoke)
+            seed_everything(args.seed)
+            model = to_device(build_model(args.arch, args.preset), device)
+            print(f"{method}: {len(idx)} training images, {recipe['epochs']} epoch(s) on {device_name(device)}",
+                  flush=True)
+            warm_up_on(model, data, idx, recipe["batch_size"])
+            with Measure(device) as measure:
+                train_from_scratch(model, data, idx, recipe, args.seed, desc=method)
+            meta = run_meta(args, spec, recipe["epochs"], recipe["lr"], recipe["batch_size"], len(idx), measure)
+            meta.update(recipe=recipe, settings=settings)
+            save_checkpoint(out, model, meta)
+            all_test = torch.arange(len(data.test_labels), device=device)
+            test_accuracy = accuracy(predict(model, data.test_images, all_test), data.test_labels)
         report_saved(out, meta)
         print(f"test accuracy (all classes): {test_accuracy:.2f} %")
         return out
@@ -942,12 +1341,15 @@ def run_from_scratch(method, doc, argv=None):
 METRIC_KEYS = ("UA", "RA", "TA", "MIA_efficacy")
 
 
-def evaluate_checkpoint(path, data_root, device, spec=None, seed=0, data_cache=None, extra_metrics=None):
+def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cache=None, extra_metrics=None):
     """Metrics of one checkpoint as a dict with keys path, arch, method, UA, RA, TA, MIA_efficacy, RTE_s,
     peak_gpu_mem_mb (and forget, seed, preset). The forget setting is the checkpoint's unless spec is given;
-    a checkpoint without one (the original model) is scored on the default (class 3).
-    extra_metrics(model, meta, data, splits, spec) -> dict adds further metrics (representation.py's)."""
+    a checkpoint without one (the original model) is scored on the default (class 3). The MIA draws its
+    samples with the seed recorded in the checkpoint unless seed is given.
+    extra_metrics(model, meta, data, splits, spec, seed) -> dict adds further metrics (representation.py's)."""
     model, meta = load_checkpoint(path, device)
+    if seed is None:
+        seed = meta.get("seed") or 0
     spec = spec or (ForgetSpec.from_dict(meta["forget"]) if meta.get("forget") else ForgetSpec())
     preset = meta.get("preset", "full")
     cache = {} if data_cache is None else data_cache
@@ -957,8 +1359,8 @@ def evaluate_checkpoint(path, data_root, device, spec=None, seed=0, data_cache=N
     splits = make_splits(data.train_labels, data.test_labels, spec)
     metrics = evaluate_model(model, data, splits, seed)
     if extra_metrics is not None:
-        metrics.update(extra_metrics(model, meta, data, splits, spec))
-    return {"path": str(path), "arch": meta["arch"], "method": meta["method"], **metrics,
+        metrics.update(extra_metrics(model, meta, data, splits, spec, seed))
+    return {"path": str(path), "arch": meta["arch"], "method": meta.get("method"), **metrics,
             "RTE_s": meta.get("rte_s"), "peak_gpu_mem_mb": meta.get("peak_gpu_mem_mb"),
             "forget": spec.tag, "seed": meta.get("seed"), "preset": preset}
 

@@ -112,7 +112,7 @@ def main(argv=None):
     parser.add_argument("--arch", default="resnet50", choices=common.ARCHS, help="model (default: resnet50)")
     parser.add_argument("--weights", help="original model (default: model_weights/{arch}_original.pth)")
     parser.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (default: data)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every step and of the MIA (default: 0)")
+    common.add_seed_argument(parser, "seed of every step and of the MIA")
     common.add_device_argument(parser)
     parser.add_argument("--preset", default="full", choices=common.PRESETS,
                         help="full: the paper's settings; smoke: a tiny CPU configuration (default: full)")
@@ -121,12 +121,14 @@ def main(argv=None):
         raise common.UserError("--steps must name distinct classes, fewer than all ten")
     args.methods = list(dict.fromkeys(args.methods))
     args.weights = args.weights or str(common.weights_path(args.arch, "original", args.preset))
+    name = f"continual_{args.arch}{'-smoke' if args.preset == 'smoke' else ''}_{'-'.join(args.methods)}"
+    out = common.RESULTS_DIR / name
+    for path in (out.with_suffix(".json"), step_checkpoint(args, args.methods[0], 1)):
+        common.check_writable(path, "output")
     data_cache = {}
     rows = [row for method in args.methods for row in run_method_steps(method, args, data_cache)]
     if not args.no_retrain:
         rows += run_retrain_steps(args, data_cache)
-    name = f"continual_{args.arch}{'-smoke' if args.preset == 'smoke' else ''}_{'-'.join(args.methods)}"
-    out = common.RESULTS_DIR / name
     common.write_json(out.with_suffix(".json"), {"arch": args.arch, "preset": args.preset, "steps": args.steps,
                                                  "methods": args.methods, "seed": args.seed, "rows": rows})
     table = [dict(row, forget_classes=" ".join(map(str, row["forget_classes"]))) for row in rows]

@@ -1,6 +1,8 @@
 """PruneLoRA: prune half of the channels by L2 norm, then train LoRA adapters on the retain set.
 
     python loraprune.py --arch resnet50   # -> model_weights/resnet50_loraprune.pth
+
+As in lora.py, BatchNorm running statistics move to the retain set's unless --bn frozen is given.
 """
 import common
 
@@ -11,4 +13,5 @@ def unlearn(model, ctx):
 
 
 if __name__ == "__main__":
-    common.run_method("loraprune", unlearn, __doc__)
+    common.run_method("loraprune", unlearn, __doc__, add_arguments=common.add_batchnorm_argument, prunes=True,
+                      uses_lora=True)

@@ -10,4 +10,4 @@ def unlearn(model, ctx):
 
 
 if __name__ == "__main__":
-    common.run_method("pruneft", unlearn, __doc__)
+    common.run_method("pruneft", unlearn, __doc__, prunes=True)

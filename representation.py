@@ -6,7 +6,6 @@ UA and MIA-efficacy read only a model's outputs; a model can stop answering a cl
 still separate it. These metrics look underneath the classifier (see the README's "Representation-level
 metrics"). evaluate.py and reproduce.py call evaluate_checkpoint() here with the flags of add_arguments().
 """
-import argparse
 import copy
 import itertools
 import warnings
@@ -179,7 +178,8 @@ def relearn_time(model, original, data, splits, seed=0, fraction=RELEARN["fracti
     steps, accuracy = 0, forget_accuracy(model, data, held_out)
     while accuracy < target and steps < max_steps:
         chunk = min(eval_every, max_steps - steps)
-        common.train(model, itertools.islice(stream, chunk), 1, optimizer=optimizer, desc=f"relearn step {steps}")
+        common.train(model, list(itertools.islice(stream, chunk)), 1, optimizer=optimizer,
+                     desc=f"relearn step {steps}")
         steps += chunk
         accuracy = forget_accuracy(model, data, held_out)
     reached = accuracy >= target
@@ -237,7 +237,7 @@ def representation_metrics(model, original, data, splits, spec, seed=0, probe=Fa
     return metrics
 
 
-def evaluate_checkpoint(path, data_root, device, spec=None, seed=0, data_cache=None, probe=False, cka=False,
+def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cache=None, probe=False, cka=False,
                         relearn=False, originals=(), relearn_fraction=RELEARN["fraction"],
                         relearn_max_steps=RELEARN["max_steps"]):
     """common.evaluate_checkpoint's row plus the asked-for representation metrics (and, for CKA and relearn,
@@ -245,7 +245,7 @@ def evaluate_checkpoint(path, data_root, device, spec=None, seed=0, data_cache=N
     loaded original models between calls."""
     cache = {} if data_cache is None else data_cache
 
-    def extra_metrics(model, meta, data, splits, spec):
+    def extra_metrics(model, meta, data, splits, spec, seed):
         original, source = None, {}
         if cka or relearn:
             original, source = find_original(path, meta, originals, cache, device)
@@ -270,21 +270,6 @@ def for_table(row):
 
 # --------------------------------------------------------------------------------------- command line
 
-def fraction(text):
-    """argparse type: a float strictly between 0 and 1."""
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
-    return value
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
-    return value
-
-
 def add_arguments(parser):
     """--probe, --cka, --relearn and their settings (evaluate.py, reproduce.py)."""
     parser.add_argument("--probe", action="store_true",
@@ -299,10 +284,10 @@ def add_arguments(parser):
     parser.add_argument("--original", action="append", default=[], metavar="PATH",
                         help="original model for --cka/--relearn; repeat once per arch (default: the checkpoint's "
                              "source weights, else model_weights/{arch}_original.pth)")
-    parser.add_argument("--relearn-fraction", type=fraction, default=RELEARN["fraction"], metavar="F",
-                        help=f"share of the forget set relearned from, in (0, 1) (default: {RELEARN['fraction']})")
-    parser.add_argument("--relearn-max-steps", type=positive_int, default=RELEARN["max_steps"], metavar="N",
-                        help=f"give up relearning after N steps (default: {RELEARN['max_steps']})")
+    parser.add_argument("--relearn-fraction", type=common.open_unit_interval, default=RELEARN["fraction"],
+                        metavar="F", help=f"share of the forget set relearned from (default: {RELEARN['fraction']})")
+    parser.add_argument("--relearn-max-steps", type=common.number(int, 1, 10**6), default=RELEARN["max_steps"],
+                        metavar="N", help=f"give up relearning after N steps (default: {RELEARN['max_steps']})")
 
 
 def options_from_args(args):

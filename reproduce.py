@@ -4,23 +4,29 @@
     python reproduce.py --arch resnet50 --methods lora loraprune --seeds 0
     python reproduce.py --forget-random 0.1                 # -> results/{arch}_random10.*
     python reproduce.py --preset smoke --data data          # tiny end-to-end check
+    python reproduce.py --time-budget 540                   # start units only while they fit in 9 minutes
+    python reproduce.py --list-units                        # one unit name per line, in priority order
+    python reproduce.py --units vit-s1-retrain --no-tables  # run one unit, leave the tables alone
+    python reproduce.py --tables-only                       # rebuild tables and plots from the run records
 
 Without a GPU and without --preset it runs the smoke preset with seed 0 only, so a CPU check takes minutes.
 
-Per arch: pretrain.py if the original model is missing, then per seed retrain.py and each method's
-{method}.py, each in its own process so that its RTE and peak GPU memory are its own. Every checkpoint is
-evaluated here and its metrics written to results/runs/{checkpoint stem}.json. A run whose checkpoint and
-metrics exist is skipped (--force reruns it; the original model is only ever pretrained when missing), so an
-interrupted sweep resumes where it stopped. Tables and plots are rebuilt from every run on file for the
-arch, preset and forget setting: results/{arch}[-smoke][_{forget}].json, .md, _metrics.png, _tradeoff.png.
+The sweep is a list of independent units (sweep.py), per arch and seed: "methods" pretrains that seed's own
+original model, then runs each method of --methods from it; "retrain" retrains from scratch. Each step runs
+in its own process, so that its RTE and peak GPU memory are its own, and is evaluated here; its metrics, timing
+and a fingerprint of what produced it (data, original model, recipe, flags, code, device, libraries) go to
+results/runs/{checkpoint stem}.json. A run whose record matches the plan is done, even without its checkpoint
+(--force reruns it); a record that differs in data, original model, recipe or flags is never reused.
+Tables and plots are rebuilt from every matching record for the arch, preset and forget setting:
+results/{arch}[-smoke][_{forget}].json, .md, _metrics.png, _tradeoff.png.
 """
-import datetime
-import json
+import shlex
+import signal
 import statistics
-import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -28,9 +34,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 import common
+import launch
+import sweep
 
 ROOT = Path(__file__).resolve().parent
-RUNS_DIR = common.RESULTS_DIR / "runs"
 DEFAULT_METHODS = ("finetune", "pruneft", "lora", "loraprune")
 BASELINES = ("ga", "rl", "l1sparse", "salun", "scrub")
 DEFAULT_SEEDS = (0, 1, 2)
@@ -44,7 +51,6 @@ PANELS = {"UA": "UA: unlearning accuracy (%)", "MIA_efficacy": "MIA-efficacy (%)
           "TA": "TA: test accuracy (%)", "RTE_s": "RTE: run time of the step (s)",
           "peak_gpu_mem_mb": "Peak GPU memory (MB)"}
 FIXED_COLORS = {"original": "#9e9e9e", "retrain": "#303030"}
-OUTPUT_TAIL_LINES = 25
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -69,19 +75,17 @@ def method_order(methods):
 
 
 def summarize(runs):
-    """One row per method: n, seeds and {"mean", "std"} of each STAT_KEYS entry over its runs.
+    """One row per method: n, seeds, gap_seeds and {"mean", "std"} of each STAT_KEYS entry over its runs.
 
-    avg_gap compares each run with the retrain run of the same seed; the original model (one run) is
-    compared with every seed's retrain."""
+    avg_gap compares each run (the original model included) with the retrain run of the same seed; a seed
+    without its retrain run has no gap, so gap_seeds may be fewer than n."""
     retrain = {run["seed"]: run for run in runs if run["method"] == "retrain"}
     rows = []
     for method in method_order({run["method"] for run in runs}):
         group = sorted((run for run in runs if run["method"] == method), key=lambda run: run["seed"])
-        if method == "original":
-            gaps = [avg_gap(run, reference) for run in group for reference in retrain.values()]
-        else:
-            gaps = [avg_gap(run, retrain[run["seed"]]) for run in group if run["seed"] in retrain]
-        row = {"method": method, "n": len(group), "seeds": [run["seed"] for run in group]}
+        gaps = [avg_gap(run, retrain[run["seed"]]) for run in group if run["seed"] in retrain]
+        row = {"method": method, "n": len(group), "seeds": [run["seed"] for run in group],
+               "gap_seeds": [run["seed"] for run in group if run["seed"] in retrain]}
         for key in STAT_KEYS:
             mean, std = mean_std(gaps if key == "avg_gap" else [run.get(key) for run in group])
             row[key] = {"mean": mean, "std": std}
@@ -98,22 +102,11 @@ def format_stat(stat, digits=2):
 
 # ------------------------------------------------------------------------------------------ the sweep
 
-def forget_flags(spec):
-    if spec.random_fraction is not None:
-        return ["--forget-random", spec.random_fraction, "--forget-seed", spec.seed]
-    return ["--forget-class", *spec.classes, "--forget-seed", spec.seed]
-
-
 def forget_description(spec):
     if spec.random_fraction is not None:
         return f"random {spec.random_fraction * 100:g}% of training images (forget seed {spec.seed})"
     names = ", ".join(common.CLASS_NAMES[c] for c in spec.classes)
     return f"class{'es' if len(spec.classes) > 1 else ''} {', '.join(map(str, spec.classes))} ({names})"
-
-
-def results_stem(arch, preset, spec):
-    """{arch}[-smoke][_{forget tag}], named like the checkpoints; the default forget setting is unmarked."""
-    return common.weights_path(arch, "", preset, spec).stem.removesuffix("_")
 
 
 def unlearning_scripts():
@@ -130,101 +123,130 @@ def check_methods(methods):
                                    f"available: {' '.join(available)}")
 
 
-@dataclass
-class Run:
-    """One step of the sweep: the script that makes a checkpoint, and where its metrics go."""
-    arch: str
-    method: str
-    seed: int | None
-    script: str
-    checkpoint: Path
-    metrics: Path
-    flags: list
-
-    def __str__(self):
-        return f"{self.arch} {self.method}" + (f" seed {self.seed}" if self.seed is not None else "")
+def check_stale(plan, units, args, argv):
+    """List the records that differ from the plan; refuse unless --force or --rerun-stale says to rerun them."""
+    stale = plan.stale(units)
+    for run, keys in stale:
+        print(f"differs from this plan in {', '.join(keys)}: {run.record}")
+    if stale and not (args.force or args.rerun_stale):
+        raise common.UserError(f"{len(stale)} run record(s) on file differ from this plan (listed above) and are not "
+                               f"reused; rerun them with: python reproduce.py {shlex.join([*argv, '--rerun-stale'])}")
 
 
-def plan(args, spec):
-    """Every run of the sweep in order: per arch the original model, then per seed retrain and each method."""
-    runs = []
-    for arch in args.arch:
-        base = ["--arch", arch, "--data", args.data, "--device", args.device, "--preset", args.preset]
-        original = common.weights_path(arch, "original", args.preset)
-        metrics = RUNS_DIR / f"{common.weights_path(arch, 'original', args.preset, spec).stem}.json"
-        runs.append(Run(arch, "original", None, "pretrain.py", original, metrics,
-                        [*base, "--seed", 0, "--out", original]))
-        for seed in args.seeds:
-            for method in ["retrain", *args.methods]:
-                checkpoint = common.weights_path(arch, method, args.preset, spec, seed)
-                flags = [*base, "--seed", seed, *forget_flags(spec), "--out", checkpoint]
-                if method != "retrain":
-                    flags += ["--weights", original]
-                runs.append(Run(arch, method, seed, f"{method}.py", checkpoint, RUNS_DIR / f"{checkpoint.stem}.json",
-                                flags))
-    return runs
-
-
-def run_script(script, flags):
-    """Run ROOT/script in a fresh Python process; a failure shows the end of its output and stops the sweep."""
-    command = [sys.executable, str(ROOT / script), *map(str, flags)]
-    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if result.returncode != 0:
-        tail = (result.stdout or "").strip().splitlines()[-OUTPUT_TAIL_LINES:]
-        print("\n".join(f"    {line}" for line in tail), file=sys.stderr)
-        raise common.UserError(f"{' '.join(command[1:])} failed with exit status {result.returncode} (output above)")
-
-
-def execute(run, args, spec, data_cache):
-    """Train (unless its checkpoint exists and --force is off) and evaluate one run; returns a status text."""
-    train = not run.checkpoint.is_file() or (args.force and run.method != "original")
-    if not train and run.metrics.is_file() and not args.force:
-        return "done, skipped"
-    start = time.perf_counter()
-    if train:
-        run_script(run.script, run.flags)
-    metrics = common.evaluate_checkpoint(run.checkpoint, args.data, args.device, spec, run.seed or 0, data_cache)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    meta = torch.load(run.checkpoint, map_location="cpu", weights_only=True, mmap=True)["meta"]
-    metrics.update(device=meta.get("device"), data=str(args.data), data_label=args.data_label)
-    common.write_json(run.metrics, metrics)
-    how = f"RTE {metrics['RTE_s']:.1f} s" if train else "evaluated the existing checkpoint"
-    return f"{time.perf_counter() - start:.1f} s ({how})"
+def run_units(plan, units, args, argv, started):
+    """Run the units that are not done, in order, within --time-budget counted from time.monotonic() value
+    started; returns the units left to run."""
+    check_stale(plan, units, args, argv)
+    elsewhere = plan.reused_from_elsewhere(units)
+    if elsewhere:
+        print(f"reusing {len(elsewhere)} record(s) made by other code, on another device, with other library "
+              f"versions or under another data label (the tables show the records' own; --force reruns): "
+              f"{' '.join(run.record.stem for run in elsewhere)}")
+    records = sweep.all_records()
+    left = []
+    for i, unit in enumerate(units, start=1):
+        prefix = f"[{i}/{len(units)}] {unit.name}"
+        todo = plan.pending(unit)
+        if not todo:
+            print(f"{prefix}: done (records on file)")
+            continue
+        if args.time_budget is not None:
+            expected = plan.expected_seconds(todo, records)
+            remaining = args.time_budget - (time.monotonic() - started)
+            if expected > remaining:
+                print(f"{prefix}: expected {expected:.0f} s, {max(remaining, 0):.0f} s of the time budget left; "
+                      f"not started")
+                left.append(unit)
+                continue
+        lock = sweep.unit_lock(unit, args.preset, plan.spec)
+        holder = lock.acquire()
+        if holder:
+            print(f"{prefix}: skipped, another process holds its lock: {holder}")
+            continue
+        try:
+            print(prefix, flush=True)
+            plan.run_unit(unit)
+        finally:
+            lock.release()
+        records = sweep.all_records()
+    if left:
+        print(f"{len(left)} unit(s) left to run: {' '.join(unit.name for unit in left)}; "
+              f"the same command continues with them")
+    return left
 
 
 # ------------------------------------------------------------------------------------- tables, plots
 
-def load_runs(arch, preset, spec):
-    """Every run on file in results/runs/ for this arch, preset and forget setting."""
-    runs = [json.loads(path.read_text()) for path in sorted(RUNS_DIR.glob("*.json"))]
-    return [run for run in runs if (run.get("arch"), run.get("preset"), run.get("forget")) == (arch, preset, spec.tag)]
+def load_runs(arch, spec, plan):
+    """(records that match the plan, names of those that do not) in results/runs/ for this arch, preset and
+    forget setting."""
+    matching, left_out = [], []
+    for path, record in sweep.all_records().items():
+        if (record.get("arch"), record.get("preset"), record.get("forget")) != (arch, plan.args.preset, spec.tag):
+            continue
+        run = sweep.make_run(arch, record["method"], record["seed"], plan.args, spec)
+        original_hash = None if run.from_scratch else plan.original_hash(arch, record["seed"])
+        keys = sweep.differences(record, plan.expected(run, original_hash))
+        if keys:
+            left_out.append(f"{path.stem} ({', '.join(keys)})")
+        else:
+            matching.append(record)
+    return matching, left_out
 
 
-def header(arch, preset, spec, runs, data_label):
-    devices = sorted({run.get("device") or "unknown device" for run in runs})
-    seeds = sorted({run["seed"] for run in runs if run["method"] != "original"})
-    return (f"{arch} · forget {forget_description(spec)} · preset {preset} · {', '.join(devices)} · "
-            f"{datetime.date.today().isoformat()} · {len(seeds)} seed{'s' if len(seeds) != 1 else ''} "
-            f"({', '.join(map(str, seeds))}) · {data_label}")
+def distinct(runs, key, missing):
+    return sorted({run.get(key) or missing for run in runs})
 
 
-def notes(spec):
+def header(arch, preset, spec, runs):
+    """Title line from the records themselves: their devices, the dates they were made, their data labels."""
+    devices = distinct(runs, "device", "unknown device")
+    dates = sorted({(run.get("created") or "")[:10] for run in runs} - {""})
+    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}" if dates else "date unknown"
+    seeds = sorted({run["seed"] for run in runs})
+    return (f"{arch} · forget {forget_description(spec)} · preset {preset} · {', '.join(devices)} · {when} · "
+            f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}) · "
+            f"{', '.join(distinct(runs, 'data_label', 'unlabelled data'))}")
+
+
+def provenance(runs):
+    """One line: which code versions and library versions made the runs, with counts."""
+    def code(run):
+        version = (run.get("fingerprint") or {}).get("code") or {}
+        if not version.get("commit"):
+            return "outside a git checkout"
+        return f"commit {version['commit'][:10]}" + (" with uncommitted changes" if version.get("dirty") else "")
+
+    def libraries(run):
+        versions = (run.get("fingerprint") or {}).get("versions") or {}
+        return ", ".join(f"{name} {version}" for name, version in sorted(versions.items())) or "unknown"
+
+    def counted(counter):
+        return "; ".join(f"{text} ({n} run{'s' if n != 1 else ''})" for text, n in sorted(counter.items()))
+    return (f"Code: {counted(Counter(map(code, runs)))}. Libraries: {counted(Counter(map(libraries, runs)))}. "
+            f"Runs from other commits or devices are reused (see README); rerun with --force to refresh them.")
+
+
+def notes(spec, rows, runs):
     lines = [
-        "Mean ± sample standard deviation over seeds (a single run shows its value alone). UA, MIA-efficacy, "
-        "RA and TA in percent. avg. gap = mean absolute difference to retrain over UA, MIA-efficacy, RA and TA, "
-        "computed per seed against the same seed's retrain, then mean ± std over seeds (lower is better, as in "
-        "SalUn); the original model, trained once, is compared with every seed's retrain. RTE = wall-clock "
-        "seconds of the training step (for the original model: pretraining). Peak GPU memory is that of the "
-        "training step's own process ('-' when it ran on CPU).",
+        "Mean ± sample standard deviation over seeds (a single run shows its value alone); each seed is an "
+        "independent replicate with its own original model, so the original row is a mean over seeds too. UA, "
+        "MIA-efficacy, RA and TA in percent. avg. gap = mean absolute difference to retrain over UA, "
+        "MIA-efficacy, RA and TA, computed per seed against the same seed's retrain, then mean ± std over seeds "
+        "(lower is better, as in SalUn). RTE = wall-clock seconds of the training step (for the original model: "
+        "pretraining). Peak GPU memory is that of the training step's own process ('-' when it ran on CPU).",
     ]
+    if any(len(row["gap_seeds"]) < row["n"] for row in rows if row["method"] != "retrain"):
+        lines.append("Some seeds lack their retrain run: their runs have no avg. gap, and the gap cell says over "
+                     "how many of the row's seeds it is averaged.")
     if spec.random_fraction is not None:
         lines.append("Random forgetting: retrain's UA is about its test error, so a high UA is not the goal here; "
                      "read every metric as a gap to retrain.")
+    lines.append(provenance(runs))
     return lines
 
 
-def write_markdown(path, title, spec, rows):
+def write_markdown(path, title, lines, rows):
     table_rows = []
     for row in rows:
         cells = {"method": row["method"], "n": row["n"]}
@@ -232,8 +254,10 @@ def write_markdown(path, title, spec, rows):
             cells[key] = format_stat(row[key], DIGITS.get(key, 2))
         if row["method"] == "retrain":
             cells["avg_gap"] = "0 (reference)"
+        elif len(row["gap_seeds"]) < row["n"]:
+            cells["avg_gap"] += f" ({len(row['gap_seeds'])} of {row['n']} seeds)"
         table_rows.append(cells)
-    text = "\n\n".join([f"# {title}", *notes(spec), common.markdown_table(table_rows, TABLE_COLUMNS)])
+    text = "\n\n".join([f"# {title}", *lines, common.markdown_table(table_rows, TABLE_COLUMNS)])
     path.write_text(text + "\n")
 
 
@@ -317,20 +341,23 @@ def plot_tradeoff(path, title, rows):
     figure.savefig(path, dpi=110)
 
 
-def write_results(arch, preset, spec, data_label):
-    """Rebuild results/{stem}.json, .md and the two plots from the runs on file; returns the stem's path."""
-    runs = load_runs(arch, preset, spec)
+def write_results(arch, spec, plan):
+    """Rebuild results/{stem}.json, .md and the two plots from the matching records; returns the stem's path."""
+    runs, left_out = load_runs(arch, spec, plan)
+    stem = common.RESULTS_DIR / sweep.results_stem(arch, plan.args.preset, spec)
+    if left_out:
+        print(f"left out of {stem}.*: {len(left_out)} record(s) that differ from this plan: {', '.join(left_out)}")
     if not runs:
         return None
     order = {method: i for i, method in enumerate(method_order({run["method"] for run in runs}))}
     runs.sort(key=lambda run: (order[run["method"]], run["seed"]))
     rows = summarize(runs)
-    title = header(arch, preset, spec, runs, data_label)
-    stem = common.RESULTS_DIR / results_stem(arch, preset, spec)
-    common.write_json(stem.with_suffix(".json"), {"header": title, "notes": notes(spec), "arch": arch,
-                                                  "preset": preset, "forget": spec.to_dict(), "summary": rows,
-                                                  "runs": runs})
-    write_markdown(stem.with_suffix(".md"), title, spec, rows)
+    title = header(arch, plan.args.preset, spec, runs)
+    lines = notes(spec, rows, runs)
+    common.write_json(stem.with_suffix(".json"), {"header": title, "notes": lines, "arch": arch,
+                                                  "preset": plan.args.preset, "forget": spec.to_dict(),
+                                                  "summary": rows, "runs": runs, "left_out": left_out})
+    write_markdown(stem.with_suffix(".md"), title, lines, rows)
     plot_metrics(stem.with_name(f"{stem.name}_metrics.png"), title, rows)
     plot_tradeoff(stem.with_name(f"{stem.name}_tradeoff.png"), title, rows)
     return stem
@@ -345,27 +372,49 @@ def parse_args(argv):
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                         help=f"unlearning scripts {{METHOD}}.py to run, e.g. {' '.join(BASELINES)} "
                              f"(default: {' '.join(DEFAULT_METHODS)})")
-    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
-                        help="seeds of retrain and every method (default: 0 1 2; 0 under the CPU smoke fallback)")
+    parser.add_argument("--seeds", nargs="+", type=common.seed_int, metavar="SEED",
+                        help="seeds: one original model, its methods and one retrain each "
+                             "(default: 0 1 2; 0 under the CPU smoke fallback)")
     parser.add_argument("--preset", choices=common.PRESETS,
                         help="full: the paper's settings; smoke: tiny models on a few images per class "
                              "(default: full on a GPU, smoke on CPU)")
     parser.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (default: data)")
     parser.add_argument("--data-label", default=DEFAULT_DATA_LABEL,
-                        help=f"name of the data set in table headers (default: {DEFAULT_DATA_LABEL})")
+                        help=f"name of the data set, recorded with each run; table headers show the labels of "
+                             f"their runs (default: {DEFAULT_DATA_LABEL})")
     common.add_forget_arguments(parser)
     common.add_device_argument(parser)
     parser.add_argument("--force", action="store_true",
-                        help="rerun runs that are done (the original model is re-evaluated, not retrained)")
-    return parser.parse_args(argv)
+                        help="rerun every run of the selected units, even those whose record matches the plan")
+    parser.add_argument("--rerun-stale", action="store_true",
+                        help="rerun the runs whose records differ from this plan in data, recipe or flags "
+                             "(without it the sweep lists them and stops)")
+    parser.add_argument("--time-budget", type=common.nonnegative_float, metavar="SECONDS",
+                        help="start a unit only when its expected time fits in what is left of SECONDS; "
+                             "exit 0 naming the units left to run")
+    parser.add_argument("--list-units", action="store_true",
+                        help="print the sweep's unit names, one a line, in priority order, and exit")
+    parser.add_argument("--units", nargs="+", metavar="NAME",
+                        help="run only these units (names as --list-units prints them, e.g. resnet50-s0-methods)")
+    tables = parser.add_mutually_exclusive_group()
+    tables.add_argument("--no-tables", action="store_true", help="run units, but do not rebuild tables and plots")
+    tables.add_argument("--tables-only", action="store_true",
+                        help="only rebuild tables and plots from the run records on file")
+    launch.add_launcher_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.launcher and (args.time_budget is not None or args.tables_only or args.list_units):
+        parser.error("--launcher runs units in parallel: it does not go with --time-budget, --tables-only or "
+                     "--list-units")
+    return args
 
 
 def resolve_defaults(args):
     """Fill in --preset and --seeds from the device, saying so when the CPU fallback applies."""
     on_gpu = torch.device(args.device).type == "cuda"
+    say = sys.stderr if args.list_units else sys.stdout  # --list-units prints unit names alone
     if args.preset is None and not on_gpu:
         print("No GPU found: running the smoke preset (tiny models, a few images per class, seed 0) on CPU; "
-              "pass --preset full for the paper's settings.")
+              "pass --preset full for the paper's settings.", file=say)
         args.preset = "smoke"
         args.seeds = args.seeds or list(SMOKE_FALLBACK_SEEDS)
     elif args.preset == "full" and not on_gpu:
@@ -376,22 +425,71 @@ def resolve_defaults(args):
     args.methods = list(dict.fromkeys(args.methods))
 
 
+def interruptible(work, kept):
+    """Run work(); on Ctrl-C or SIGTERM, exit 128 + the signal's number (the running child is stopped first).
+
+    kept: the list of records written so far by this call."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, sweep.raise_interrupted) if in_main_thread else None
+    try:
+        return work()
+    except (KeyboardInterrupt, sweep.Interrupted) as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(f"interrupted by {signal.Signals(signum).name}: the running step was stopped and left no record; "
+              f"kept the {len(kept)} record(s) this call finished and every earlier one; the same command resumes",
+              file=sys.stderr)
+        sys.exit(128 + signum)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def launch_in_parallel(plan, units, args, argv):
+    """Run the units that are not done with --launcher, each as `reproduce.py ... --units NAME --no-tables`.
+
+    Stale records are checked here once, so that no unit starts only to refuse; failed units are a one-line
+    error after the others have finished (the tables are rebuilt from what finished all the same)."""
+    check_stale(plan, units, args, argv)
+    todo = [unit.name for unit in units if args.force or plan.pending(unit)]
+    print(f"{len(units) - len(todo)} unit(s) done (records on file); {len(todo)} to run with --launcher "
+          f"{args.launcher}", flush=True)
+    unit_flags = launch.without_launcher_arguments(argv)
+    failed = launch.launch_units(
+        args, todo, lambda name: [sys.executable, str(ROOT / "reproduce.py"), *unit_flags, "--units", name,
+                                  "--no-tables"])
+    if failed:
+        if not args.no_tables:
+            for arch in args.arch:
+                write_results(arch, plan.spec, plan)
+        raise common.UserError(f"{len(failed)} unit(s) failed: {' '.join(failed)} (logs in {args.log_dir}/); "
+                               f"the same command reruns them")
+
+
 def main(argv=None):
+    started = time.monotonic()
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     args = parse_args(argv)
     spec = common.forget_spec_from_args(args) or common.ForgetSpec()
     check_methods(args.methods)
     resolve_defaults(args)
-    runs = plan(args, spec)
-    print(f"{len(runs)} runs: {' '.join(args.arch)} x seeds {' '.join(map(str, args.seeds))} x "
-          f"retrain {' '.join(args.methods)}, preset {args.preset}, forget {forget_description(spec)}, "
-          f"device {common.device_name(args.device)}")
-    data_cache = {}
-    written = []
-    for i, run in enumerate(runs, start=1):
-        print(f"[{i}/{len(runs)}] {run} ...", end=" ", flush=True)
-        print(execute(run, args, spec, data_cache), flush=True)
-        if i == len(runs) or runs[i].arch != run.arch:
-            written.append(write_results(run.arch, args.preset, spec, args.data_label))
+    units = sweep.plan_units(args, spec)
+    if args.list_units:
+        print("\n".join(unit.name for unit in units))
+        return []
+    selected = sweep.select_units(units, args.units)
+    data = common.load_cifar10(args.data, args.device, args.preset)
+    plan = sweep.Sweep(args, spec, sweep.data_sha256(data), {(args.data, args.preset): data})
+    if not args.tables_only:
+        print(f"{len(selected)} units: {' '.join(args.arch)} x seeds {' '.join(map(str, args.seeds))} x "
+              f"(original {' '.join(args.methods)} | retrain), preset {args.preset}, "
+              f"forget {forget_description(spec)}, device {common.device_name(args.device)}", flush=True)
+        if args.launcher:
+            launch_in_parallel(plan, selected, args, argv)
+        else:
+            interruptible(lambda: run_units(plan, selected, args, argv, started), plan.kept)
+    if args.no_tables:
+        return []
+    written = [write_results(arch, spec, plan) for arch in args.arch]
     for stem in filter(None, written):
         print(f"wrote {stem}.json, {stem}.md, {stem}_metrics.png, {stem}_tradeoff.png")
     return written

@@ -3,8 +3,9 @@
     python rl.py --arch resnet50   # -> model_weights/resnet50_rl.pth
 
 Each epoch first passes over the forget set with fresh random labels, then over the retain set, as SalUn's
-unlearn/RL.py does for CIFAR-10. Defaults are SalUn's CIFAR-10 command without the saliency mask
-(10 epochs, lr 0.013, batch 256, SGD with momentum 0.9 and weight decay 5e-4).
+unlearn/RL.py does for CIFAR-10. Defaults are SalUn's CIFAR-10 command for random forgetting without the saliency
+mask (10 epochs, lr 0.013, batch 256, SGD with momentum 0.9 and weight decay 5e-4); SalUn publishes no class-wise
+command, so the same settings serve every forget setting.
 """
 import common
 

@@ -1,19 +1,24 @@
 """SalUn: mask the weights most salient to the forget loss, then random-label unlearning that moves only those.
 
     python salun.py --arch resnet50   # -> model_weights/resnet50_salun.pth
+    python salun.py --arch resnet50 --saliency stepped   # the saliency of a version of generate_mask.py
 
-Saliency = |gradient of the forget set's cross-entropy| summed over its batches (eval mode, original weights);
-the mask keeps the --saliency-share of all weights with the largest saliency, across the whole model, as in
-SalUn's generate_mask.py. Training is rl.py's (forget set relabelled at random, then the retain set) with the
-gradient outside the mask zeroed. Defaults: SalUn's CIFAR-10 command (10 epochs, lr 0.013, batch 256, mask share
-0.5; SGD with momentum 0.9 and weight decay 5e-4). Weight decay is added to the gradient before masking, so
-masked-in weights see exactly SGD's weight decay and masked-out weights never move.
+Saliency = |gradient of the forget set's cross-entropy| summed over its batches, in eval mode, at the original
+weights as in the SalUn paper (--saliency stepped: with an SGD step after every forget batch, as a version of
+SalUn's generate_mask.py does). The mask keeps the --saliency-share of all weights with the largest saliency,
+across the whole model. Training is rl.py's (forget set relabelled at random, then the retain set) with the
+gradient outside the mask zeroed. Defaults: SalUn's CIFAR-10 command for random forgetting (10 epochs, lr 0.013,
+batch 256, mask share 0.5; SGD with momentum 0.9 and weight decay 5e-4), used for every forget setting since no
+class-wise command is published. Weight decay is added to the gradient before masking, so masked-in weights see
+exactly SGD's weight decay and masked-out weights never move, as in SalUn's current unlearn/RL.py.
 """
 import torch
 
 import common
 
 RECIPE = {"epochs": 10, "lr": 0.013, "batch_size": 256}
+# generate_mask.py's SGD lr is --unlearn_lr, which SalUn's mask command leaves at arg_parser.py's default.
+SALIENCY_STEP_LR = 0.01
 
 
 def unlearn(model, ctx):
@@ -22,10 +27,9 @@ def unlearn(model, ctx):
 
 def fit(model, ctx):
     share = ctx.args.saliency_share
-    if not 0 < share <= 1:
-        raise common.UserError(f"--saliency-share must lie in (0, 1], got {share}")
     params = dict(model.named_parameters())
-    mask = common.saliency_mask(model, ctx.forget_batches(), share)
+    step_lr = SALIENCY_STEP_LR if ctx.args.saliency == "stepped" else None
+    mask = common.saliency_mask(model, ctx.forget_batches(), share, step_lr)
     frozen = {name: params[name].detach()[~keep].clone() for name, keep in mask.items()}
     weight_decay = common.BASELINE_SGD["weight_decay"]
 
@@ -42,15 +46,22 @@ def fit(model, ctx):
     moved = [name for name, keep in mask.items() if not torch.equal(params[name].detach()[~keep], frozen[name])]
     if moved:
         raise RuntimeError(f"weights outside the saliency mask moved: {moved[:3]}")
-    ctx.hyperparameters = {"saliency_share": share, "masked_weights": int(sum(k.sum() for k in mask.values())),
+    ctx.hyperparameters = {"saliency": ctx.args.saliency, "saliency_share": share,
+                           "masked_weights": int(sum(k.sum() for k in mask.values())),
                            "weights": sum(k.numel() for k in mask.values()), "optimizer": "sgd"}
+    if step_lr is not None:
+        ctx.hyperparameters["saliency_step_lr"] = step_lr
     return model
 
 
 def add_arguments(parser):
     parser.set_defaults(recipe=RECIPE)
-    parser.add_argument("--saliency-share", type=float, default=0.5,
+    parser.add_argument("--saliency-share", type=common.unit_interval_open_below, default=0.5,
                         help="share of all weights that training may change (default: 0.5)")
+    parser.add_argument("--saliency", default="paper", choices=("paper", "stepped"),
+                        help="paper: every forget gradient at the original weights, as in the SalUn paper; stepped: "
+                             "an SGD step (lr 0.01) on the forget loss after every forget batch while the gradients "
+                             "are summed, as a version of SalUn's generate_mask.py does (default: paper)")
 
 
 if __name__ == "__main__":

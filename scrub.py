@@ -46,12 +46,17 @@ def fit(model, ctx):
 
 def add_arguments(parser):
     parser.set_defaults(recipe=RECIPE, needs_original=True)
-    parser.add_argument("--msteps", type=int, default=2, help="epochs that start with a max-step (default: 2)")
-    parser.add_argument("--kd-temperature", type=float, default=4.0, help="distillation temperature (default: 4)")
-    parser.add_argument("--kd-gamma", type=float, default=0.99, help="weight of the retain CE (default: 0.99)")
-    parser.add_argument("--kd-alpha", type=float, default=0.001, help="weight of the retain KL (default: 0.001)")
-    parser.add_argument("--forget-batch-size", type=int, default=512, help="batch size of max-steps (default: 512)")
-    parser.add_argument("--lr-decay-epochs", type=int, nargs="*", default=[3, 5, 9],
+    parser.add_argument("--msteps", type=common.nonnegative_int, default=2,
+                        help="epochs that start with a max-step (default: 2)")
+    parser.add_argument("--kd-temperature", type=common.positive_float, default=4.0,
+                        help="distillation temperature (default: 4)")
+    parser.add_argument("--kd-gamma", type=common.nonnegative_float, default=0.99,
+                        help="weight of the retain CE (default: 0.99)")
+    parser.add_argument("--kd-alpha", type=common.nonnegative_float, default=0.001,
+                        help="weight of the retain KL (default: 0.001)")
+    parser.add_argument("--forget-batch-size", type=common.positive_int, default=512,
+                        help="batch size of max-steps (default: 512)")
+    parser.add_argument("--lr-decay-epochs", type=common.positive_int, nargs="*", default=[3, 5, 9],
                         help="epochs after which the lr is multiplied by 0.1 (default: 3 5 9)")
 
 

@@ -63,7 +63,7 @@ def original_weights(tmp_path_factory, cifar_dir):
 
     def get(arch):
         if arch not in made:
-            out = tmp_path_factory.mktemp("weights") / f"{arch}_original.pth"
+            out = tmp_path_factory.mktemp("weights") / f"{arch}-smoke_original.pth"
             assert run_script("pretrain.py", "--arch", arch, "--preset", "smoke", "--data", cifar_dir,
                               "--device", "cpu", "--out", out) == 0
             made[arch] = out

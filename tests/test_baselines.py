@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -45,14 +46,17 @@ def test_baseline_runs_and_evaluate_reads_its_checkpoint(script, forget, tag, pa
     assert all(0 <= row[key] <= 100 for key in common.METRIC_KEYS)
 
 
-def test_salun_mask_holds_the_share_and_training_moves_nothing_outside_it(original_weights, cifar_dir, workdir):
-    out = unlearn("salun.py", original_weights, cifar_dir, workdir / "salun.pth")
+@pytest.mark.parametrize("saliency, step_lr", [("paper", None), ("stepped", 0.01)])
+def test_salun_mask_holds_the_share_and_training_moves_nothing_outside_it(saliency, step_lr, original_weights,
+                                                                          cifar_dir, workdir):
+    out = unlearn("salun.py", original_weights, cifar_dir, workdir / "salun.pth", "--saliency", saliency)
     original, _ = common.load_checkpoint(original_weights("vit"))
     unlearned = torch.load(out, weights_only=True)
+    assert unlearned["meta"]["hyperparameters"]["saliency"] == saliency
     data = common.load_cifar10(cifar_dir, "cpu", "smoke")
     splits = common.make_splits(data.train_labels, data.test_labels, common.ForgetSpec())
     forget = common.Batches(data.train_images, data.train_labels, splits.forget_idx, common.SMOKE["batch_size"])
-    mask = common.saliency_mask(original, forget, 0.5)
+    mask = common.saliency_mask(original, forget, 0.5, step_lr)
     weights = sum(keep.numel() for keep in mask.values())
     assert sum(keep.sum().item() for keep in mask.values()) == round(0.5 * weights)
     assert unlearned["meta"]["hyperparameters"]["masked_weights"] == round(0.5 * weights)
@@ -72,6 +76,21 @@ def test_saliency_mask_share_is_exact_on_a_tiny_model():
     total = sum(p.numel() for p in model.parameters())
     assert sum(keep.sum().item() for keep in mask.values()) == round(0.3 * total)
     assert all(keep.shape == p.shape for keep, p in zip(mask.values(), model.parameters(), strict=True))
+
+
+def test_stepped_saliency_follows_the_sgd_path_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 7), nn.ReLU(), nn.Linear(7, common.NUM_CLASSES))
+    batches = [(torch.randn(5, 3, 4, 4), torch.randint(0, common.NUM_CLASSES, (5,))) for _ in range(4)]
+    start = copy.deepcopy(model.state_dict())
+    paper = common.saliency_mask(model, batches, 0.3)
+    at_start = common.saliency_mask(model, batches, 0.3, step_lr=0.0)  # steps of size 0 never leave the start
+    assert all(torch.equal(paper[name], at_start[name]) for name in paper)
+    stepped = common.saliency_mask(model, batches, 0.3, step_lr=1.0)
+    assert all(torch.equal(tensor, start[name]) for name, tensor in model.state_dict().items())
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(keep.sum().item() for keep in stepped.values()) == round(0.3 * total)
+    assert not all(torch.equal(paper[name], stepped[name]) for name in paper)
 
 
 def test_random_labels_are_never_the_true_label():

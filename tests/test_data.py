@@ -71,7 +71,7 @@ def test_random_split_is_seeded(data):
     assert not torch.equal(first.forget_idx, other.forget_idx)
     assert len(first.test_idx) == len(data.test_labels)
     assert spec.tag == "random10"
-    assert common.ForgetSpec((), 0.025, seed=1).tag == "random2.5-seed1"
+    assert common.ForgetSpec((), 0.025, seed=1).tag == "random2p5-seed1"
 
 
 def test_spec_round_trips_through_dict():

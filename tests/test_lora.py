@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+from conftest import run_script
 from torch import nn
 
 import common
@@ -83,6 +84,10 @@ def test_merged_model_reproduces_adapted_outputs(arch, pruned, cifar_dir):
     if pruned:
         for layer in common.prune_targets(merged):
             assert (layer.weight.flatten(1).abs().sum(1) == 0).sum() == round(0.5 * layer.weight.shape[0])
+        assert not common.pruned_layers(merged)
+        for conv, norm in common.batchnorm_after(merged, common.prune_targets(merged)).items():
+            zero = conv.weight.flatten(1).abs().sum(1) == 0  # the BatchNorm masks survive the merge
+            assert torch.all(norm.weight[zero] == 0) and torch.all(norm.bias[zero] == 0)
 
 
 def test_adapter_that_is_never_called_is_refused():
@@ -105,3 +110,25 @@ def test_targets_that_match_nothing_are_refused():
     model = common.build_model("vit", "smoke")
     with pytest.raises(common.UserError, match="LoRA targets"):
         common.add_lora(model, settings_for("vit", model, lora_targets="no_such_layer"), torch.zeros(1, 3, 32, 32))
+
+
+def batchnorm_buffers(state):
+    return {key: value for key, value in state.items() if "running_" in key or "num_batches_tracked" in key}
+
+
+@pytest.mark.parametrize("script, bn", [("lora.py", "train"), ("lora.py", "frozen"), ("loraprune.py", "frozen")])
+def test_bn_flag_decides_whether_batchnorm_statistics_move(script, bn, original_weights, cifar_dir, workdir):
+    source = original_weights("resnet50")
+    out = workdir / "adapted.pth"
+    assert run_script(script, "--preset", "smoke", "--data", cifar_dir, "--device", "cpu", "--weights", source,
+                      "--out", out, "--bn", bn) == 0
+    saved = torch.load(out, weights_only=True)
+    assert saved["meta"]["hyperparameters"]["bn"] == bn
+    before = batchnorm_buffers(torch.load(source, weights_only=True)["model"])
+    after = batchnorm_buffers(saved["model"])
+    assert before and before.keys() == after.keys()
+    unchanged = [key for key in before if torch.equal(before[key], after[key])]
+    if bn == "frozen":
+        assert unchanged == list(before)
+    else:
+        assert not unchanged

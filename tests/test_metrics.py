@@ -1,6 +1,9 @@
+import json
+
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 from torch import nn
 
 import common
@@ -79,3 +82,46 @@ def test_mia_efficacy_balances_members_and_non_members(monkeypatch):
     monkeypatch.setattr(common, "SVC", RecordingSVC)
     common.mia_efficacy(np.linspace(0.5, 1, 900), np.linspace(0, 0.5, 120), np.ones(10), max_samples=100)
     assert fitted["counts"] == [100, 100]
+
+
+def test_predict_runs_in_fp32_even_where_training_uses_bf16_autocast(data, monkeypatch):
+    seen = []
+
+    class MeanColourLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, common.NUM_CLASSES)
+
+        def forward(self, x):
+            logits = self.linear(x.mean((2, 3)))
+            seen.append((torch.is_autocast_enabled("cpu"), logits.dtype))
+            return logits
+
+    # Make training's autocast active on this CPU, as it is on a GPU: predict must not enter it.
+    monkeypatch.setattr(common, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    model = MeanColourLinear()
+    with common.autocast("cpu"):
+        model(common.normalize(data.test_images[:2]))
+    assert seen == [(True, torch.bfloat16)]  # the patch is in force
+    seen.clear()
+    probs = common.predict(model, data.test_images, torch.arange(len(data.test_labels)), batch_size=64)
+    assert probs.dtype == torch.float32
+    assert seen == [(False, torch.float32)] * 2
+
+
+def test_evaluate_and_evaluate_checkpoint_draw_the_mia_with_the_checkpoints_seed(original_weights, cifar_dir,
+                                                                                 workdir):
+    model, meta = common.load_checkpoint(original_weights("vit"))
+    path = workdir / "seed3.pth"
+    common.save_checkpoint(path, model, {**meta, "seed": 3})
+
+    def mia(*flags):
+        assert run_script("evaluate.py", path, "--data", cifar_dir, "--device", "cpu", "--json", "eval.json",
+                          *flags) == 0
+        return json.loads((workdir / "eval.json").read_text())[0]["MIA_efficacy"]
+
+    recorded = common.evaluate_checkpoint(path, cifar_dir, "cpu")["MIA_efficacy"]
+    assert recorded == common.evaluate_checkpoint(path, cifar_dir, "cpu", seed=3)["MIA_efficacy"]
+    assert mia() == recorded
+    seed0 = common.evaluate_checkpoint(path, cifar_dir, "cpu", seed=0)["MIA_efficacy"]
+    assert mia("--seed", "0") == seed0 != recorded

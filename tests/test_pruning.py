@@ -1,7 +1,10 @@
+import copy
+
 import pytest
 import torch
 from conftest import run_script
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 
 import common
 
@@ -25,11 +28,71 @@ def test_prune_zeros_exactly_the_requested_share(arch):
             assert torch.equal(layer.bias == 0, common.output_mask(layer) == 0)
 
 
-def test_resnet_prunes_every_conv_but_never_the_classifier():
+def test_resnet_prunes_every_conv_and_its_batchnorm_but_never_the_classifier():
     model = common.prune(common.build_model("resnet50", "smoke"), 0.5)
-    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert common.pruned_layers(model) == convs
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert set(common.pruned_layers(model)) == {*convs, *norms}
     assert zero_rows(model.fc.weight) == 0
+    for conv, norm in common.batchnorm_after(model, convs).items():
+        for name in ("weight", "bias"):
+            assert torch.equal(getattr(norm, f"{name}_mask"), common.output_mask(conv))
+
+
+def live_batchnorms(model):
+    """Give every BatchNorm non-trivial affine parameters and statistics, as a trained model has."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for norm in model.modules():
+            if isinstance(norm, nn.BatchNorm2d):
+                norm.weight.copy_(1 + torch.rand(norm.num_features, generator=generator))
+                norm.bias.copy_(torch.randn(norm.num_features, generator=generator))
+                norm.running_mean.copy_(torch.randn(norm.num_features, generator=generator))
+                norm.running_var.copy_(0.5 + torch.rand(norm.num_features, generator=generator))
+    return model
+
+
+def pruned_channel_outputs(model, inputs):
+    """Largest |output| of each conv's BatchNorm over the channels its conv pruned (train and eval mode)."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    norms = common.batchnorm_after(model, convs)
+    assert len(norms) == len(convs)
+    pruned = {norm: zero_rows_mask(conv.weight) for conv, norm in norms.items()}
+    largest = []
+
+    def record(norm, inputs, output):  # read at once: the residual addition and ReLU work in place
+        largest.append(output[:, pruned[norm]].abs().max().item())
+
+    hooks = [norm.register_forward_hook(record) for norm in pruned]
+    for training in (True, False):
+        model.train(training)
+        with torch.no_grad():
+            model(inputs)
+    for hook in hooks:
+        hook.remove()
+    return largest
+
+
+def zero_rows_mask(weight):
+    return weight.flatten(1).abs().sum(1) == 0
+
+
+def test_pruned_resnet_channels_are_exactly_zero_after_batchnorm(cifar_dir):
+    data = common.load_cifar10(cifar_dir, "cpu")
+    inputs = common.normalize(data.test_images[:8])
+    unpruned = live_batchnorms(common.build_model("resnet50", "smoke"))
+    masks_only = copy.deepcopy(unpruned)
+    for conv in [m for m in masks_only.modules() if isinstance(m, nn.Conv2d)]:
+        torch_prune.ln_structured(conv, "weight", amount=0.5, n=2, dim=0)
+    assert max(pruned_channel_outputs(masks_only, inputs)) > 0  # BatchNorm alone would revive them
+    model = common.prune(unpruned, 0.5)
+    assert max(pruned_channel_outputs(model, inputs)) == 0
+    batches = common.Batches(data.train_images, data.train_labels, torch.arange(64), batch_size=16)
+    common.train(model, batches, epochs=2, lr=1e-2)
+    assert max(pruned_channel_outputs(model, inputs)) == 0
+    final = common.finalize(model)
+    assert not common.pruned_layers(final)
+    assert max(pruned_channel_outputs(final, inputs)) == 0
 
 
 def test_pruned_weights_stay_zero_while_training(cifar_dir):
@@ -58,3 +121,9 @@ def test_saved_pruned_model_keeps_zero_channels(method, original_weights, cifar_
     convs = {k: v for k, v in state.items() if v.dim() == 4}
     assert convs and all(zero_rows(w) == round(0.5 * w.shape[0]) for w in convs.values())
     assert zero_rows(state["fc.weight"]) == 0
+    model, _ = common.load_checkpoint(out)
+    for conv, norm in common.batchnorm_after(model, [m for m in model.modules() if isinstance(m, nn.Conv2d)]).items():
+        pruned = zero_rows_mask(conv.weight)
+        assert torch.all(norm.weight[pruned] == 0) and torch.all(norm.bias[pruned] == 0)
+    data = common.load_cifar10(cifar_dir, "cpu", "smoke")
+    assert max(pruned_channel_outputs(model, common.normalize(data.test_images[:8]))) == 0

@@ -203,8 +203,8 @@ def test_original_flag_is_used_for_its_arch_only(finetuned, original_weights, ci
 
 
 @pytest.mark.parametrize("flags, status, message", [
-    (["--relearn-fraction", "1.5"], 2, "strictly between 0 and 1"),
-    (["--relearn-max-steps", "0"], 2, "positive whole number"),
+    (["--relearn-fraction", "1.5"], 2, "--relearn-fraction: expected a number > 0 and < 1"),
+    (["--relearn-max-steps", "0"], 2, "--relearn-max-steps: expected an integer >= 1"),
     (["--original", "nowhere.pth"], 1, "no checkpoint there"),
 ])
 def test_bad_flags_are_one_line(flags, status, message, finetuned, cifar_dir, workdir, capsys):

@@ -1,39 +1,50 @@
 import contextlib
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_script, write_synthetic_cifar
 
 import common
 import reproduce
+import sweep
 
-SWEEP = ["--preset", "smoke", "--arch", "resnet50", "--methods", "finetune", "--device", "cpu"]
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE_PRETRAIN_EPOCHS = common.SMOKE["pretrain_epochs"]
+SWEEP = ["--preset", "smoke", "--arch", "resnet50", "--methods", "finetune", "--seeds", "0", "--device", "cpu"]
 
 
 @pytest.fixture
 def in_process(monkeypatch):
     """Run reproduce.py's training subprocesses inside this process: the same scripts, without ~9 s of imports each
-    (and with one epoch of retraining: these tests check the sweep, not the models)."""
+    (and with one epoch of pretraining: these tests check the sweep, not the models). in_process.on_start, if set,
+    is called with each script's name before it runs."""
     monkeypatch.setitem(common.SMOKE, "pretrain_epochs", 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: extra threads only spin, and cost much when the CPU is shared
-    real_run = subprocess.run
+    hooks = SimpleNamespace(on_start=None, started=[])
 
-    def run(command, **kwargs):
-        if command[0] != sys.executable:
-            return real_run(command, **kwargs)
+    def run_child(command):
+        assert command[0] == sys.executable
+        script = Path(command[1]).name
+        hooks.started.append(script)
+        if hooks.on_start:
+            hooks.on_start(script)
         output = io.StringIO()
         with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-            status = run_script(Path(command[1]).name, *command[2:])
-        return subprocess.CompletedProcess(command, status, output.getvalue(), None)
+            status = run_script(script, *command[2:])
+        return status, output.getvalue()
 
-    monkeypatch.setattr(subprocess, "run", run)
-    yield
+    monkeypatch.setattr(sweep, "run_child", run_child)
+    yield hooks
     torch.set_num_threads(threads)
 
 
@@ -52,7 +63,7 @@ def test_mean_std_and_avg_gap_on_constructed_runs():
 
     runs = [run("retrain", 0, 100, 100, 90, 80), run("retrain", 1, 100, 100, 92, 82),
             run("lora", 0, 96, 100, 90, 84), run("lora", 1, 100, 92, 92, 82),
-            run("original", 0, 0, 0, 100, 90)]
+            run("original", 0, 0, 0, 100, 90), run("original", 1, 0, 0, 100, 88)]
     assert reproduce.avg_gap(runs[2], runs[0]) == 2.0
     rows = {row["method"]: row for row in reproduce.summarize(runs)}
     assert list(rows) == ["original", "retrain", "lora"]
@@ -61,56 +72,156 @@ def test_mean_std_and_avg_gap_on_constructed_runs():
     assert rows["lora"]["RTE_s"] == pytest.approx({"mean": 15.0, "std": 50 ** 0.5})
     assert rows["lora"]["peak_gpu_mem_mb"] == {"mean": None, "std": None}
     assert rows["retrain"]["avg_gap"] == {"mean": 0.0, "std": 0.0}
-    # the original model is compared with each seed's retrain: gaps (100+100+10+10)/4 and (100+100+8+8)/4
-    assert rows["original"]["avg_gap"]["mean"] == pytest.approx((55 + 54) / 2)
-    assert rows["original"]["n"] == 1
+    # each seed's original model against the same seed's retrain: (100+100+10+10)/4 and (100+100+8+6)/4
+    assert rows["original"]["avg_gap"] == pytest.approx({"mean": (55 + 53.5) / 2, "std": 1.5 / 2 ** 0.5})
+    assert rows["original"]["n"] == 2 and rows["original"]["gap_seeds"] == [0, 1]
 
 
-def test_sweep_writes_tables_and_plots_then_resumes(cifar_dir, workdir, original_weights, in_process, capsys):
-    original = workdir / "model_weights/resnet50-smoke_original.pth"
-    original.parent.mkdir()
-    original.write_bytes(original_weights("resnet50").read_bytes())
-    assert run_script("reproduce.py", *SWEEP, "--seeds", "0", "1", "--data", cifar_dir) == 0
-    first = capsys.readouterr().out
-    assert "[5/5] resnet50 finetune seed 1 ..." in first
+def test_seed_without_retrain_shows_both_counts(workdir):
+    def run(method, seed, ua):
+        return {"method": method, "seed": seed, "UA": ua, "MIA_efficacy": 50.0, "RA": 90.0, "TA": 80.0,
+                "RTE_s": 1.0, "peak_gpu_mem_mb": None}
+
+    rows = reproduce.summarize([run("retrain", 0, 100.0), run("lora", 0, 96.0), run("lora", 1, 60.0)])
+    lora = rows[1]
+    assert (lora["n"], lora["gap_seeds"], lora["avg_gap"]["mean"]) == (2, [0], 1.0)
+    lines = reproduce.notes(common.ForgetSpec(), rows, [])
+    reproduce.write_markdown(workdir / "table.md", "title", lines, rows)
+    markdown = (workdir / "table.md").read_text()
+    assert "| lora | 2 |" in table_rows(markdown)["lora"] and "1.00 (1 of 2 seeds)" in table_rows(markdown)["lora"]
+    assert "Some seeds lack their retrain run" in markdown
+
+
+def sweep_files(workdir):
+    """{relative path: bytes} of the records and tables a sweep leaves in workdir/results."""
+    return {str(path.relative_to(workdir)): path.read_bytes() for path in sorted((workdir / "results").rglob("*"))
+            if path.suffix in (".json", ".md")}
+
+
+def metric_summary(workdir):
+    """The table's rows without the timings, which differ between two sweeps of the same runs."""
+    report = json.loads((workdir / "results/resnet50-smoke.json").read_text())
+    return [{key: value for key, value in row.items() if key not in ("RTE_s", "peak_gpu_mem_mb")}
+            for row in report["summary"]]
+
+
+def test_sweep_writes_records_and_tables_then_rebuilds_them_without_checkpoints(cifar_dir, workdir, in_process,
+                                                                              capsys, tmp_path_factory):
+    assert run_script("reproduce.py", *SWEEP, "--list-units") == 0
+    assert capsys.readouterr().out == "resnet50-s0-methods\nresnet50-s0-retrain\n"
+    assert run_script("reproduce.py", *SWEEP, "--data", cifar_dir) == 0
+    out = capsys.readouterr().out
+    assert "[1/2] resnet50-s0-methods" in out and "[2/2] resnet50-s0-retrain" in out
+    assert in_process.started == ["pretrain.py", "finetune.py", "retrain.py"]
 
     report = json.loads((workdir / "results/resnet50-smoke.json").read_text())
-    assert [(run["method"], run["seed"]) for run in report["runs"]] == [
-        ("original", 0), ("retrain", 0), ("retrain", 1), ("finetune", 0), ("finetune", 1)]
-    assert {key for key in ("path", "arch", "method", "seed", "UA", "RA", "TA", "MIA_efficacy", "RTE_s",
-                            "peak_gpu_mem_mb", "forget")} <= set(report["runs"][0])
-    assert [row["n"] for row in report["summary"]] == [1, 2, 2]
-
+    assert [(run["method"], run["seed"]) for run in report["runs"]] == [("original", 0), ("retrain", 0),
+                                                                       ("finetune", 0)]
+    original, retrain, finetune = report["runs"]
+    assert finetune["fingerprint"]["original"] == original["model_sha256"] == \
+        sweep.model_sha256(workdir / "model_weights/resnet50-smoke_original_s0.pth")
+    assert finetune["fingerprint"]["data"]["sha256"] == retrain["fingerprint"]["data"]["sha256"]
+    assert original["fingerprint"]["flags"] == ["pretrain.py", "--arch", "resnet50", "--preset", "smoke", "--seed", "0"]
+    assert retrain["fingerprint"]["recipe"]["epochs"] == 1 and finetune["fingerprint"]["recipe"]["epochs"] == 1
+    assert {"commit", "dirty"} == set(finetune["fingerprint"]["code"])
+    assert [row["n"] for row in report["summary"]] == [1, 1, 1]
     markdown = (workdir / "results/resnet50-smoke.md").read_text()
-    assert markdown.startswith("# resnet50 · forget class 3 (cat) · preset smoke · cpu · ")
-    assert "2 seeds (0, 1) · CIFAR-10 (JPEG copy)" in markdown.splitlines()[0]
-    rows = table_rows(markdown)
-    assert list(rows) == ["method", "original", "retrain", "finetune"]
-    assert " ± " in rows["finetune"]
+    assert markdown.startswith(f"# resnet50 · forget class 3 (cat) · preset smoke · cpu · {original['created'][:10]} · "
+                               f"1 seed (0) · CIFAR-10 (JPEG copy)\n")
+    assert "the original row is a mean over seeds too" in markdown and "Code: " in markdown
+    assert list(table_rows(markdown)) == ["method", "original", "retrain", "finetune"]
     for name in ("metrics", "tradeoff"):
         assert (workdir / f"results/resnet50-smoke_{name}.png").read_bytes().startswith(b"\x89PNG")
-    assert len(list((workdir / "results/runs").iterdir())) == 5
+    assert sorted(path.name for path in (workdir / "results/runs").iterdir()) == [
+        "resnet50-smoke_finetune_s0.json", "resnet50-smoke_original_s0.json", "resnet50-smoke_retrain_s0.json"]
+    assert not list((workdir / "results/locks").iterdir())
 
-    finetune = workdir / "model_weights/resnet50-smoke_finetune_s1.pth"
-    stamp = finetune.stat().st_mtime_ns
-    assert run_script("reproduce.py", *SWEEP, "--seeds", "0", "1", "--data", cifar_dir) == 0
-    assert capsys.readouterr().out.count("done, skipped") == 5
-    assert finetune.stat().st_mtime_ns == stamp
+    # a fresh clone: records, no checkpoints. Nothing is trained; the same tables come out.
+    before = sweep_files(workdir)
+    for checkpoint in (workdir / "model_weights").glob("*.pth"):
+        checkpoint.unlink()
+    assert run_script("reproduce.py", *SWEEP, "--data", cifar_dir) == 0
+    assert capsys.readouterr().out.count("done (records on file)") == 2
+    assert in_process.started == ["pretrain.py", "finetune.py", "retrain.py"]
+    assert sweep_files(workdir) == before
 
-    finetune = workdir / "model_weights/resnet50-smoke_finetune_s0.pth"
-    stamps = finetune.stat().st_mtime_ns, original.stat().st_mtime_ns
-    assert run_script("reproduce.py", *SWEEP, "--seeds", "0", "--data", cifar_dir, "--force") == 0
+    # another label for the same data: the records are reused, and say so
+    assert run_script("reproduce.py", *SWEEP, "--data", cifar_dir, "--data-label", "relabelled", "--no-tables") == 0
+    assert "reusing 3 record(s) made by other code, on another device, with other library versions or under " \
+           "another data label" in capsys.readouterr().out
+    assert len(in_process.started) == 3 and sweep_files(workdir) == before
+
+    # other data: the records are listed and not reused; nothing is trained or overwritten
+    other = write_synthetic_cifar(tmp_path_factory.mktemp("other"), seed=1)
+    assert run_script("reproduce.py", *SWEEP, "--data", other, "--data-label", "other") == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("differs from this plan in data") == 3
+    assert captured.err.count("\n") == 1 and "3 run record(s) on file differ from this plan" in captured.err
+    assert captured.err.rstrip().endswith("--data-label other --rerun-stale")
+    assert sweep_files(workdir) == before and len(in_process.started) == 3
+
+    # the retrain unit alone, on the other data: only retrain trains; the old records stay out of its table
+    assert run_script("reproduce.py", *SWEEP, "--data", other, "--data-label", "other", "--rerun-stale",
+                      "--units", "resnet50-s0-retrain") == 0
     out = capsys.readouterr().out
-    assert "[1/3] resnet50 original ... " in out and "evaluated the existing checkpoint" in out
-    assert "[3/3] resnet50 finetune seed 0 ... " in out and "skipped" not in out
-    assert finetune.stat().st_mtime_ns != stamps[0] and original.stat().st_mtime_ns == stamps[1]
-    assert "| finetune | 2 |" in (workdir / "results/resnet50-smoke.md").read_text()
+    assert in_process.started[3:] == ["retrain.py"]
+    assert "left out of results/resnet50-smoke.*: 2 record(s) that differ from this plan" in out
+    report = json.loads((workdir / "results/resnet50-smoke.json").read_text())
+    assert [run["method"] for run in report["runs"]] == ["retrain"]
+    assert report["header"].endswith("· other")
+
+
+def test_sweep_cut_short_by_time_budget_continues_from_records_alone(cifar_dir, workdir, in_process, capsys,
+                                                                     monkeypatch):
+    # before anything was timed here, a methods unit (original + finetune) is expected to take 200 s, a retrain 100 s
+    monkeypatch.setitem(sweep.DEFAULT_RUN_SECONDS, ("smoke", "resnet50"), {"scratch": 100, "method": 100})
+    assert run_script("reproduce.py", *SWEEP, "--data", cifar_dir, "--time-budget", "1") == 0
+    out = capsys.readouterr().out
+    assert "2 unit(s) left to run: resnet50-s0-methods resnet50-s0-retrain" in out
+    assert in_process.started == [] and not (workdir / "results/runs").exists()
+
+    assert run_script("reproduce.py", *SWEEP, "--data", cifar_dir, "--time-budget", "150", "--no-tables") == 0
+    assert "1 unit(s) left to run: resnet50-s0-methods" in capsys.readouterr().out
+    assert in_process.started == ["retrain.py"] and not (workdir / "results/resnet50-smoke.md").exists()
+    for checkpoint in (workdir / "model_weights").glob("*.pth"):
+        checkpoint.unlink()
+    assert run_script("reproduce.py", *SWEEP, "--data", cifar_dir) == 0
+    assert in_process.started == ["retrain.py", "pretrain.py", "finetune.py"]
+    resumed = metric_summary(workdir)
+
+    (workdir / "uninterrupted").mkdir()
+    os.chdir(workdir / "uninterrupted")
+    assert run_script("reproduce.py", *SWEEP, "--data", cifar_dir) == 0
+    assert metric_summary(workdir / "uninterrupted") == resumed
+
+
+def test_sigterm_during_a_unit_keeps_finished_records(cifar_dir, workdir, in_process, capsys):
+    def terminate_finetune(script):
+        if script == "finetune.py":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    in_process.on_start = terminate_finetune
+    methods = [*SWEEP, "--data", cifar_dir, "--units", "resnet50-s0-methods", "--no-tables"]
+    assert run_script("reproduce.py", *methods) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("interrupted by SIGTERM")
+    assert "kept the 1 record(s) this call finished" in err
+    original = workdir / "results/runs/resnet50-smoke_original_s0.json"
+    assert [path.name for path in (workdir / "results/runs").iterdir()] == [original.name]
+    assert not list((workdir / "results/locks").iterdir())
+    kept = original.read_bytes()
+
+    in_process.on_start = None
+    assert run_script("reproduce.py", *methods) == 0
+    assert in_process.started == ["pretrain.py", "finetune.py", "finetune.py"]
+    assert original.read_bytes() == kept
+    assert (workdir / "results/runs/resnet50-smoke_finetune_s0.json").is_file()
 
 
 def test_failed_step_shows_its_output_and_stops(workdir, capsys):
     """The one real subprocess of these tests: a method script that cannot find its original model."""
     with pytest.raises(common.UserError, match=r"finetune.py .* failed with exit status 1"):
-        reproduce.run_script("finetune.py", ["--preset", "smoke", "--weights", "missing.pth"])
+        sweep.run_script("finetune.py", ["--preset", "smoke", "--weights", "missing.pth"])
     assert "no original model at missing.pth" in capsys.readouterr().err
 
 
@@ -131,3 +242,36 @@ def test_without_gpu_defaults_to_smoke_with_one_seed(capsys):
     reproduce.resolve_defaults(args)
     assert (args.preset, args.seeds) == ("full", [0, 1, 2])
     assert "very slow" in capsys.readouterr().err
+
+
+def test_local_launcher_matches_the_sequential_sweep_and_reruns_a_killed_unit(cifar_dir, workdir, in_process,
+                                                                              monkeypatch):
+    """Two workers, real processes: a sweep killed (SIGKILL, as on a lost node) half-way through its methods unit
+    is finished by the next call, and gives the table of the sequential sweep."""
+    launched = workdir / "launched"
+    launched.mkdir()
+    command = [sys.executable, str(ROOT / "reproduce.py"), *SWEEP, "--data", str(cifar_dir),
+               "--launcher", "local", "--workers", "2"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(command, cwd=launched, env=environment, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    original_record = launched / "results/runs/resnet50-smoke_original_s0.json"
+    deadline = time.monotonic() + 240
+    while not original_record.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert original_record.is_file()
+    assert not (launched / "results/runs/resnet50-smoke_finetune_s0.json").exists()
+
+    finished = subprocess.run(command, cwd=launched, env=environment, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert "to run with --launcher local" in finished.stdout
+    rerun = (launched / "logs/resnet50-s0-methods.log").read_text().split("===")[-1]
+    assert "resnet50 original seed 0: record on file, done" in rerun and "resnet50 finetune seed 0 ..." in rerun
+
+    monkeypatch.setitem(common.SMOKE, "pretrain_epochs", SMOKE_PRETRAIN_EPOCHS)  # as the real processes ran
+    (workdir / "sequential").mkdir()
+    os.chdir(workdir / "sequential")
+    assert run_script("reproduce.py", *SWEEP, "--data", cifar_dir) == 0
+    assert metric_summary(launched) == metric_summary(workdir / "sequential")

@@ -1,0 +1,461 @@
+"""The sweep's units, run records and their fingerprints, used by reproduce.py.
+
+    python reproduce.py --list-units                          # every unit of the sweep, in priority order
+    python reproduce.py --units resnet50-s0-retrain           # run one unit
+    python reproduce.py --time-budget 540                     # start units only while they fit in 9 minutes
+
+A unit is one (arch, seed) half of the comparison that needs nothing from any other unit: "methods"
+pretrains that seed's own original model, runs every method from it and evaluates each checkpoint;
+"retrain" retrains from scratch on the retain set and evaluates it. Each run leaves a small JSON record in
+results/runs/ (metrics, timing and a fingerprint of what produced it); checkpoints are a by-product. A run
+whose record matches the current plan is done, with or without its checkpoint.
+"""
+import functools
+import hashlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+import common
+
+ROOT = Path(__file__).resolve().parent
+RUNS_DIR = common.RESULTS_DIR / "runs"
+LOCKS_DIR = common.RESULTS_DIR / "locks"
+# What a record must share with the plan to be reused; a difference in any of them makes it stale. Code
+# version, device and library versions are recorded and shown in the tables, but do not make a record stale.
+PLAN_KEYS = ("data", "original", "recipe", "flags")
+# Seconds a run is expected to take (training and evaluation) before one of its kind was timed on this
+# device: conservative guesses per preset and arch, for --time-budget.
+DEFAULT_RUN_SECONDS = {
+    ("full", "resnet50"): {"scratch": 1800, "method": 300},
+    ("full", "vit"): {"scratch": 3600, "method": 300},
+    ("smoke", "resnet50"): {"scratch": 60, "method": 30},
+    ("smoke", "vit"): {"scratch": 60, "method": 30},
+}
+OUTPUT_TAIL_LINES = 25
+CHILD_EXIT_WAIT_S = 10
+
+
+class Interrupted(BaseException):
+    """SIGTERM arrived (a job's time limit, a cluster's preemption): handled like Ctrl-C."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+# ------------------------------------------------------------------------------------------ units
+
+def forget_flags(spec):
+    if spec.random_fraction is not None:
+        return ["--forget-random", str(spec.random_fraction), "--forget-seed", str(spec.seed)]
+    return ["--forget-class", *map(str, spec.classes), "--forget-seed", str(spec.seed)]
+
+
+def results_stem(arch, preset, spec):
+    """{arch}[-smoke][_{forget tag}], named like the checkpoints; the default forget setting is unmarked."""
+    return common.weights_path(arch, "", preset, spec).stem.removesuffix("_")
+
+
+@dataclass
+class Run:
+    """One step of a unit: the script that makes a checkpoint, its flags, and the record of its metrics."""
+    arch: str
+    method: str
+    seed: int
+    script: str
+    checkpoint: Path
+    record: Path
+    plan_flags: list  # what the run is: part of its fingerprint
+    io_flags: list  # where it reads and writes: not part of it
+
+    def __str__(self):
+        return f"{self.arch} {self.method} seed {self.seed}"
+
+    @property
+    def from_scratch(self):
+        return self.method in ("original", "retrain")
+
+
+@dataclass
+class Unit:
+    """kind "methods": the seed's original model, then each method from it; kind "retrain": retrain alone."""
+    arch: str
+    seed: int
+    kind: str
+    runs: list = field(default_factory=list)
+
+    @property
+    def name(self):
+        return unit_name(self.arch, self.seed, self.kind)
+
+
+def unit_name(arch, seed, kind):
+    return f"{arch}-s{seed}-{kind}"
+
+
+def make_run(arch, method, seed, args, spec):
+    """The run of method (original, retrain or an unlearning script) for arch and seed under args."""
+    checkpoint = common.weights_path(arch, method, args.preset, spec, seed)
+    plan_flags = ["--arch", arch, "--preset", args.preset, "--seed", str(seed)]
+    io_flags = ["--data", str(args.data), "--device", args.device, "--out", str(checkpoint)]
+    if method == "original":
+        script = "pretrain.py"
+    else:
+        script = f"{method}.py"
+        plan_flags += forget_flags(spec)
+        if method != "retrain":
+            io_flags += ["--weights", str(common.weights_path(arch, "original", args.preset, spec, seed))]
+    return Run(arch, method, seed, script, checkpoint, RUNS_DIR / f"{checkpoint.stem}.json", plan_flags, io_flags)
+
+
+def plan_units(args, spec):
+    """Every unit in priority order: resnet50 before vit, seeds in order, a seed's methods unit before its retrain."""
+    units = []
+    for arch in sorted(args.arch, key=common.ARCHS.index):
+        for seed in sorted(args.seeds):
+            methods = Unit(arch, seed, "methods", [make_run(arch, m, seed, args, spec)
+                                                   for m in ["original", *args.methods]])
+            units += [methods, Unit(arch, seed, "retrain", [make_run(arch, "retrain", seed, args, spec)])]
+    return units
+
+
+def select_units(units, names):
+    """The units called names (all when names is None), in priority order; an unknown name is an error."""
+    if names is None:
+        return units
+    known = {unit.name for unit in units}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise common.UserError(f"unknown unit {unknown[0]!r} for these flags; `--list-units` lists them: "
+                               f"{' '.join(unit.name for unit in units)}")
+    return [unit for unit in units if unit.name in names]
+
+
+# ------------------------------------------------------------------------------------- fingerprints
+
+def data_sha256(data):
+    """sha256 of the images and labels of both splits, as the runs see them (after the preset's subset)."""
+    digest = hashlib.sha256()
+    for tensor in (data.train_images, data.train_labels, data.test_images, data.test_labels):
+        digest.update(tensor.cpu().contiguous().numpy())
+    return digest.hexdigest()
+
+
+def model_sha256(checkpoint):
+    """sha256 of a checkpoint's weights (names and bytes, in name order), whatever else its file holds."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["model"]
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+@functools.cache
+def code_version():
+    """{"commit", "dirty"} of this checkout (dirty: a Python file outside tests/ or requirements.txt differs from
+    the commit or is untracked); both None outside a git checkout."""
+    def git(*command):
+        return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--", "*.py", "requirements.txt", ":(exclude)tests"))
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def recipe(run, preset):
+    """The training recipe the run's script resolves from common.py for the sweep's flags."""
+    flags = SimpleNamespace(preset=preset, epochs=None, lr=None, batch_size=None)
+    smoke = {"epochs": common.SMOKE["pretrain_epochs" if run.from_scratch else "epochs"],
+             "batch_size": common.SMOKE["batch_size"]}
+    return common.with_overrides(common.PRETRAIN_RECIPES[run.arch] if run.from_scratch else common.PAPER_RECIPE,
+                                 flags, smoke)
+
+
+def fingerprint(run, preset, data_hash, data_label, device, original_hash=None):
+    """What produced a run: the plan's part (PLAN_KEYS) and the circumstances (code, device, libraries)."""
+    return {"data": {"sha256": data_hash, "label": data_label}, "original": original_hash,
+            "recipe": recipe(run, preset), "flags": [run.script, *run.plan_flags], "code": code_version(),
+            "device": common.device_name(device), "versions": common.library_versions()}
+
+
+def differences(record, expected):
+    """The PLAN_KEYS in which record's fingerprint differs from the expected one (all of them without one)."""
+    recorded = record.get("fingerprint")
+    if not isinstance(recorded, dict):
+        return list(PLAN_KEYS)
+    plan = {**expected, "data": expected["data"]["sha256"]}
+    recorded = {**recorded, "data": (recorded.get("data") or {}).get("sha256")}
+    return [key for key in PLAN_KEYS if recorded.get(key) != plan[key]]
+
+
+# ------------------------------------------------------------------------------------------ records
+
+def read_record(path):
+    """The run record at path, or None when there is none; an unreadable one is a one-line error."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise common.UserError(f"run record {path} is unreadable ({type(error).__name__}): restore it "
+                               f"(git checkout -- {path}) or delete it to rerun that run") from None
+    if not isinstance(record, dict) or not {"method", "seed", "arch"} <= set(record):
+        raise common.UserError(f"run record {path} is not a run record of this project: restore it "
+                               f"(git checkout -- {path}) or delete it to rerun that run")
+    return record
+
+
+def all_records():
+    """{path: record} of every run record on file."""
+    return {path: read_record(path) for path in sorted(RUNS_DIR.glob("*.json"))}
+
+
+# ----------------------------------------------------------------------------------------- locks
+
+class UnitLock:
+    """A lock file created atomically (O_CREAT | O_EXCL) holding pid, host and SLURM job id; `acquire()` returns
+    None on success, else a description of the holder. A lock left by a dead process on this host, or by an
+    earlier attempt of this same SLURM job (requeued, perhaps on another node), is taken over."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.held = False
+
+    def _holder(self):
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None  # being written by its creator, or just removed
+
+    def _stale(self, holder):
+        if not holder:
+            return False
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and holder.get("slurm_job") == job:
+            return True
+        if holder.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def acquire(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if self._stale(holder):
+                    self._take_over(holder)
+                    continue
+                if holder is None:
+                    return f"{self.path} (being created)"
+                return f"{self.path} by pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
+            with os.fdopen(fd, "w") as f:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                           "slurm_job": os.environ.get("SLURM_JOB_ID"), "since": time.strftime("%Y-%m-%d %H:%M:%S")},
+                          f)
+            self.held = True
+            return None
+        return f"{self.path} (contended)"
+
+    def _take_over(self, holder):
+        """Remove a dead process's lock, unless another process replaced it in the meantime."""
+        moved = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
+        try:
+            os.rename(self.path, moved)
+        except FileNotFoundError:
+            return
+        try:
+            if json.loads(moved.read_text()) != holder:
+                os.replace(moved, self.path)  # a live lock: put it back
+        except (OSError, ValueError):
+            pass
+        moved.unlink(missing_ok=True)
+
+    def release(self):
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def unit_lock(unit, preset, spec):
+    return UnitLock(LOCKS_DIR / f"{results_stem(unit.arch, preset, spec)}_s{unit.seed}-{unit.kind}.lock")
+
+
+# ------------------------------------------------------------------------------------ running units
+
+def run_child(command):
+    """Run command to its end; (exit status, output). On Ctrl-C or SIGTERM the child is terminated first."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = process.communicate()
+    except BaseException:
+        process.terminate()
+        try:
+            process.wait(CHILD_EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        raise
+    return process.returncode, output
+
+
+def run_script(script, flags):
+    """Run ROOT/script in a fresh Python process; a failure shows the end of its output and stops the sweep."""
+    command = [sys.executable, str(ROOT / script), *map(str, flags)]
+    status, output = run_child(command)
+    if status != 0:
+        tail = (output or "").strip().splitlines()[-OUTPUT_TAIL_LINES:]
+        print("\n".join(f"    {line}" for line in tail), file=sys.stderr)
+        raise common.UserError(f"{' '.join(command[1:])} failed with exit status {status} (output above)")
+
+
+class Sweep:
+    """The records on file checked against the plan of one reproduce.py call, and the runs that make them."""
+
+    def __init__(self, args, spec, data_hash, data_cache):
+        self.args, self.spec, self.data_hash, self.data_cache = args, spec, data_hash, data_cache
+        self.kept = []  # records written by this call
+
+    def expected(self, run, original_hash=None):
+        return fingerprint(run, self.args.preset, self.data_hash, self.args.data_label, self.args.device,
+                           original_hash)
+
+    def check(self, run, original_hash=None):
+        """Plan keys in which run's record differs from the plan (None: no record), for a method run against
+        the original model of that hash."""
+        record = read_record(run.record)
+        return None if record is None else differences(record, self.expected(run, original_hash))
+
+    def original_hash(self, arch, seed):
+        """The model hash in the record of the original model of arch and seed, if that record matches the plan."""
+        original = make_run(arch, "original", seed, self.args, self.spec)
+        record = read_record(original.record)
+        if record is None or differences(record, self.expected(original)):
+            return None
+        return record.get("model_sha256")
+
+    def check_on_file(self, run):
+        """check(run) against the original model recorded on file for a method run."""
+        return self.check(run, None if run.from_scratch else self.original_hash(run.arch, run.seed))
+
+    def needs_run(self, run, original_hash=None):
+        return self.args.force or self.check(run, original_hash) != []
+
+    def stale(self, units):
+        """[(run, keys)] of records that differ from the plan in data, recipe or flags. A method run whose
+        original model alone differs is not listed: its unit reruns it, as a resumed unit must."""
+        found = []
+        for unit in units:
+            for run in unit.runs:
+                keys = [key for key in self.check_on_file(run) or [] if key != "original"]
+                if keys:
+                    found.append((run, keys))
+        return found
+
+    def reused_from_elsewhere(self, units):
+        """Runs of units whose records match the plan but were made by other code, on another device, with other
+        library versions or under another data label: reused, and worth a word."""
+        now = self.expected(units[0].runs[0]) if units else {}
+        found = []
+        for unit in units:
+            for run in unit.runs:
+                if self.check_on_file(run) != []:
+                    continue
+                recorded = read_record(run.record)["fingerprint"]
+                if (any(recorded.get(key) != now[key] for key in ("code", "device", "versions"))
+                        or recorded["data"].get("label") != now["data"]["label"]):
+                    found.append(run)
+        return found
+
+    def pending(self, unit):
+        """The runs of unit that will train: those without a matching record (all under --force). A method
+        run needs its original model's checkpoint: when that is not the recorded one, the original is trained
+        again, and every method of the unit is counted, since a new original makes their records stale."""
+        if unit.kind == "retrain":
+            return [run for run in unit.runs if self.needs_run(run)]
+        original, methods = unit.runs[0], unit.runs[1:]
+        recorded = None if self.args.force else self.original_hash(unit.arch, unit.seed)
+        todo = [run for run in methods if self.needs_run(run, recorded)]
+        if recorded is None or (todo and not (original.checkpoint.is_file()
+                                              and model_sha256(original.checkpoint) == recorded)):
+            return unit.runs
+        return todo
+
+    def expected_seconds(self, runs, records):
+        """Expected duration of runs: the mean of earlier runs of the same kind timed on this device, else
+        DEFAULT_RUN_SECONDS. pretrain and retrain share their timings (the same recipe)."""
+        device = common.device_name(self.args.device)
+        total = 0.0
+        for run in runs:
+            same_kind = ("original", "retrain") if run.from_scratch else (run.method,)
+            timed = [record["seconds"] for record in records.values()
+                     if record.get("method") in same_kind and record.get("arch") == run.arch
+                     and record.get("preset") == self.args.preset and record.get("device") == device
+                     and isinstance(record.get("seconds"), (int, float))]
+            default = DEFAULT_RUN_SECONDS[(self.args.preset, run.arch)]["scratch" if run.from_scratch else "method"]
+            total += statistics.fmean(timed) if timed else default
+        return total
+
+    def run_unit(self, unit):
+        """Train and evaluate what unit still needs, writing one record per run; prints a line per run.
+
+        Each method run is checked against the original model as it is once that has run: a retrained
+        original that came out the same (CPU training is deterministic) keeps its methods' records."""
+        todo = self.pending(unit)
+        original_hash = None
+        for run in unit.runs:
+            if run.method == "original" and run not in todo:
+                original_hash = self.original_hash(unit.arch, unit.seed)
+            if run.from_scratch and run not in todo or not run.from_scratch and not self.needs_run(run, original_hash):
+                print(f"  {run}: record on file, done", flush=True)
+                continue
+            start = time.perf_counter()
+            print(f"  {run} ...", end=" ", flush=True)
+            run_script(run.script, [*run.plan_flags, *run.io_flags])
+            record = self.evaluate(run, original_hash)
+            record["seconds"] = time.perf_counter() - start
+            common.write_json(run.record, record)
+            self.kept.append(run.record)
+            if run.method == "original":
+                original_hash = record["model_sha256"]
+            print(f"{record['seconds']:.1f} s (RTE {record['RTE_s']:.1f} s)", flush=True)
+
+    def evaluate(self, run, original_hash):
+        """The record of a freshly trained run: metrics, fingerprint, and for the original its model hash."""
+        metrics = common.evaluate_checkpoint(run.checkpoint, self.args.data, self.args.device, self.spec, run.seed,
+                                             self.data_cache)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        meta = torch.load(run.checkpoint, map_location="cpu", weights_only=True, mmap=True)["meta"]
+        record = {**metrics, "unit": unit_name(run.arch, run.seed, "retrain" if run.method == "retrain" else "methods"),
+                  "device": meta.get("device"), "created": meta.get("created"), "data_label": self.args.data_label,
+                  "fingerprint": self.expected(run, None if run.from_scratch else original_hash)}
+        if run.method == "original":
+            record["model_sha256"] = model_sha256(run.checkpoint)
+        return record
