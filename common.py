@@ -1416,11 +1416,12 @@ def run_from_scratch(method, doc, argv=None):
 METRIC_KEYS = ("UA", "RA", "TA", "MIA_efficacy")
 
 
-def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cache=None):
+def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cache=None, extra_metrics=None):
     """Metrics of one checkpoint as a dict with keys path, arch, method, UA, RA, TA, MIA_efficacy, RTE_s,
     peak_gpu_mem_mb (and forget, seed, preset). The forget setting is the checkpoint's unless spec is given;
     a checkpoint without one (the original model) is scored on the default (class 3). The MIA draws its
-    samples with the seed recorded in the checkpoint unless seed is given."""
+    samples with the seed recorded in the checkpoint unless seed is given.
+    extra_metrics(model, meta, data, splits, spec, seed) -> dict adds further metrics (representation.py's)."""
     model, meta = load_checkpoint(path, device)
     if seed is None:
         seed = meta.get("seed") or 0
@@ -1430,7 +1431,10 @@ def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cach
     if (data_root, preset) not in cache:
         cache[(data_root, preset)] = load_cifar10(data_root, device, preset)
     data = cache[(data_root, preset)]
-    metrics = evaluate_model(model, data, make_splits(data.train_labels, data.test_labels, spec), seed)
+    splits = make_splits(data.train_labels, data.test_labels, spec)
+    metrics = evaluate_model(model, data, splits, seed)
+    if extra_metrics is not None:
+        metrics.update(extra_metrics(model, meta, data, splits, spec, seed))
     return {"path": str(path), "arch": meta["arch"], "method": meta.get("method"), **metrics,
             "RTE_s": meta.get("rte_s"), "peak_gpu_mem_mb": meta.get("peak_gpu_mem_mb"),
             "forget": spec.tag, "seed": meta.get("seed"), "preset": preset}

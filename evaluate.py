@@ -1,14 +1,18 @@
 """Evaluate checkpoints: UA, RA, TA, MIA-efficacy, plus the RTE and peak GPU memory recorded at training.
 
     python evaluate.py model_weights/resnet50_*.pth --json results/eval.json
+    python evaluate.py model_weights/resnet50_lora.pth --probe --cka --relearn
 
 UA = 100 - accuracy on the forget set; RA = accuracy on the retain set; TA = accuracy on the test set
 without the forgotten classes; MIA-efficacy = share of forget samples that Unlearn-Sparse's SVC
 membership-inference attack calls non-members. All in percent. Arch, forget setting and the seed of the
 MIA's samples come from each checkpoint's meta (the original model, which has no forget setting, is scored
 on class 3 unless --forget-* is given; --seed overrides the MIA seed).
+--probe, --cka and --relearn add representation-level metrics (representation.py): whether the features
+still know the forgotten data, however the outputs look. They draw their samples with the same seed.
 """
 import common
+import representation
 
 
 def main(argv=None):
@@ -17,18 +21,23 @@ def main(argv=None):
     parser.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (default: data)")
     common.add_forget_arguments(parser)
     parser.add_argument("--seed", type=common.seed_int,
-                        help="seed of the MIA's member/non-member samples "
-                        "(default: the training seed recorded in each checkpoint)")
+                        help="seed of the MIA's member/non-member samples and of the probe's, CKA's and "
+                        "relearning's samples (default: the training seed recorded in each checkpoint)")
     common.add_device_argument(parser)
+    representation.add_arguments(parser)
     parser.add_argument("--json", metavar="OUT", help="also write the results as a JSON list to OUT")
     args = parser.parse_args(argv)
     spec = common.forget_spec_from_args(args)
+    options = representation.options_from_args(args)
     if args.json:
         common.check_writable(args.json, "--json")
     data_cache = {}
-    rows = [common.evaluate_checkpoint(path, args.data, args.device, spec, args.seed, data_cache)
+    rows = [representation.evaluate_checkpoint(path, args.data, args.device, spec, args.seed, data_cache, **options)
             for path in args.checkpoints]
-    print(common.markdown_table(rows, common.EVALUATE_COLUMNS))
+    columns = dict(common.EVALUATE_COLUMNS)
+    path_header = columns.pop("path")
+    columns.update(representation.columns(options["probe"], options["cka"], options["relearn"]), path=path_header)
+    print(common.markdown_table([representation.for_table(row) for row in rows], columns))
     if args.json:
         common.write_json(args.json, rows)
     return rows
