@@ -20,6 +20,7 @@ results/runs/{checkpoint stem}.json. A run whose record matches the plan is done
 Tables and plots are rebuilt from every matching record for the arch, preset and forget setting:
 results/{arch}[-smoke][_{forget}].json, .md, _metrics.png, _tradeoff.png.
 """
+import argparse
 import shlex
 import signal
 import statistics
@@ -35,6 +36,7 @@ from matplotlib.patches import Patch
 
 import common
 import launch
+import representation
 import sweep
 
 ROOT = Path(__file__).resolve().parent
@@ -46,7 +48,9 @@ DEFAULT_DATA_LABEL = "CIFAR-10 (JPEG copy)"
 STAT_KEYS = ("UA", "MIA_efficacy", "RA", "TA", "avg_gap", "RTE_s", "peak_gpu_mem_mb")
 TABLE_COLUMNS = {"method": "method", "n": "runs", "UA": "UA %", "MIA_efficacy": "MIA-efficacy %", "RA": "RA %",
                  "TA": "TA %", "avg_gap": "avg. gap ↓", "RTE_s": "RTE s", "peak_gpu_mem_mb": "peak GPU MB"}
-DIGITS = {"RTE_s": 1, "peak_gpu_mem_mb": 0}
+DIGITS = {"RTE_s": 1, "peak_gpu_mem_mb": 0, "relearn_steps": 0}
+# Representation-level metrics (representation.py), in the tables when the records hold them.
+REPRESENTATION_COLUMNS = {key: header for table in representation.COLUMNS.values() for key, header in table.items()}
 PANELS = {"UA": "UA: unlearning accuracy (%)", "MIA_efficacy": "MIA-efficacy (%)", "RA": "RA: retain accuracy (%)",
           "TA": "TA: test accuracy (%)", "RTE_s": "RTE: run time of the step (s)",
           "peak_gpu_mem_mb": "Peak GPU memory (MB)"}
@@ -89,6 +93,13 @@ def summarize(runs):
         for key in STAT_KEYS:
             mean, std = mean_std(gaps if key == "avg_gap" else [run.get(key) for run in group])
             row[key] = {"mean": mean, "std": std}
+        for key in REPRESENTATION_COLUMNS:
+            if any(key in run for run in group):
+                mean, std = mean_std([run.get(key) for run in group])
+                row[key] = {"mean": mean, "std": std}
+        capped = [run for run in group if run.get("relearn_reached") is False]
+        if capped:
+            row["relearn_capped"] = {"runs": len(capped), "max_steps": max(run["relearn_max_steps"] for run in capped)}
         rows.append(row)
     return rows
 
@@ -239,6 +250,13 @@ def notes(spec, rows, runs):
     if any(len(row["gap_seeds"]) < row["n"] for row in rows if row["method"] != "retrain"):
         lines.append("Some seeds lack their retrain run: their runs have no avg. gap, and the gap cell says over "
                      "how many of the row's seeds it is averaged.")
+    if any(key in row for row in rows for key in REPRESENTATION_COLUMNS):
+        lines.append("Representation-level metrics (README, 'Representation-level metrics'): Probe-UA = 100 - "
+                     "accuracy of a linear probe on the penultimate features for the forgotten data (high: the "
+                     "features no longer tell it apart); CKA = linear CKA of the penultimate features with the same "
+                     "seed's original model on forget and retain images (1: unchanged; '-' for retrain when its "
+                     "seed's original model was not on disk); relearn steps = fine-tuning steps on 1 % of the forget "
+                     "set until forget accuracy is within 5 points of the original's ('> N': not within the cap).")
     if spec.random_fraction is not None:
         lines.append("Random forgetting: retrain's UA is about its test error, so a high UA is not the goal here; "
                      "read every metric as a gap to retrain.")
@@ -252,12 +270,22 @@ def write_markdown(path, title, lines, rows):
         cells = {"method": row["method"], "n": row["n"]}
         for key in STAT_KEYS:
             cells[key] = format_stat(row[key], DIGITS.get(key, 2))
+        for key in REPRESENTATION_COLUMNS:
+            if key in row:
+                cells[key] = format_stat(row[key], DIGITS.get(key, 2))
+        if "relearn_capped" in row:
+            capped = row["relearn_capped"]
+            cells["relearn_steps"] = (f"> {capped['max_steps']}" if capped["runs"] == row["n"] else
+                                      f"{cells['relearn_steps']} ({capped['runs']} of {row['n']} > "
+                                      f"{capped['max_steps']})")
         if row["method"] == "retrain":
             cells["avg_gap"] = "0 (reference)"
         elif len(row["gap_seeds"]) < row["n"]:
             cells["avg_gap"] += f" ({len(row['gap_seeds'])} of {row['n']} seeds)"
         table_rows.append(cells)
-    text = "\n\n".join([f"# {title}", *lines, common.markdown_table(table_rows, TABLE_COLUMNS)])
+    measured = {key: header for key, header in REPRESENTATION_COLUMNS.items() if any(key in row for row in rows)}
+    columns = {**dict(list(TABLE_COLUMNS.items())[:-2]), **measured, **dict(list(TABLE_COLUMNS.items())[-2:])}
+    text = "\n\n".join([f"# {title}", *lines, common.markdown_table(table_rows, columns)])
     path.write_text(text + "\n")
 
 
@@ -446,6 +474,20 @@ def parse_args(argv):
     tables.add_argument("--no-tables", action="store_true", help="run units, but do not rebuild tables and plots")
     tables.add_argument("--tables-only", action="store_true",
                         help="only rebuild tables and plots from the run records on file")
+    metrics = parser.add_argument_group("representation-level metrics (README: Representation-level metrics)")
+    metrics.add_argument("--probe", action=argparse.BooleanOptionalAction,
+                         help="Probe-UA of every run (default: on for the full preset, off for smoke)")
+    metrics.add_argument("--cka", action=argparse.BooleanOptionalAction,
+                         help="linear CKA to the seed's original model (default: on for the full preset, off for "
+                              "smoke)")
+    metrics.add_argument("--relearn", action="store_true",
+                         help="relearn time of every run (off by default: it can cost a third of a unit)")
+    metrics.add_argument("--relearn-fraction", type=common.open_unit_interval,
+                         default=representation.RELEARN["fraction"], metavar="F",
+                         help=f"share of the forget set relearned from (default: {representation.RELEARN['fraction']})")
+    metrics.add_argument("--relearn-max-steps", type=common.number(int, 1, 10**6),
+                         default=representation.RELEARN["max_steps"], metavar="N",
+                         help=f"give up relearning after N steps (default: {representation.RELEARN['max_steps']})")
     launch.add_launcher_arguments(parser)
     args = parser.parse_args(argv)
     if args.launcher and (args.time_budget is not None or args.tables_only or args.list_units):
@@ -466,6 +508,9 @@ def resolve_defaults(args):
     elif args.preset == "full" and not on_gpu:
         print("warning: --preset full on CPU will be very slow (days); a GPU is expected.", file=sys.stderr)
     args.preset = args.preset or "full"
+    for flag in ("probe", "cka"):  # cheap next to a unit at full size, not next to the tiny smoke runs
+        if getattr(args, flag) is None:
+            setattr(args, flag, args.preset == "full")
     args.seeds = list(dict.fromkeys(args.seeds or DEFAULT_SEEDS))
     args.arch = list(dict.fromkeys(args.arch))
     args.methods = list(dict.fromkeys(args.methods))

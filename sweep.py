@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import torch
 
 import common
+import representation
 
 ROOT = Path(__file__).resolve().parent
 RUNS_DIR = common.RESULTS_DIR / "runs"
@@ -446,10 +447,19 @@ class Sweep:
                 original_hash = record["model_sha256"]
             print(f"{record['seconds']:.1f} s (RTE {record['RTE_s']:.1f} s)", flush=True)
 
+    def representation_options(self, run):
+        """representation.evaluate_checkpoint's options: the --probe/--cka/--relearn flags, and as the original
+        model that of the run's own seed (for retrain, only when its methods unit has made it)."""
+        args = self.args
+        original = make_run(run.arch, "original", run.seed, args, self.spec).checkpoint
+        return {"probe": args.probe, "cka": args.cka, "relearn": args.relearn,
+                "relearn_fraction": args.relearn_fraction, "relearn_max_steps": args.relearn_max_steps,
+                "originals": (str(original),) if original.is_file() else ()}
+
     def evaluate(self, run, original_hash):
         """The record of a freshly trained run: metrics, fingerprint, and for the original its model hash."""
-        metrics = common.evaluate_checkpoint(run.checkpoint, self.args.data, self.args.device, self.spec, run.seed,
-                                             self.data_cache)
+        metrics = representation.evaluate_checkpoint(run.checkpoint, self.args.data, self.args.device, self.spec,
+                                                     run.seed, self.data_cache, **self.representation_options(run))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         meta = torch.load(run.checkpoint, map_location="cpu", weights_only=True, mmap=True)["meta"]

@@ -308,3 +308,37 @@ def test_tradeoff_labels_sit_next_to_their_own_points(tmp_path):
         x, y = ax.transData.transform((r["RTE_s"]["mean"], r["avg_gap"]["mean"]))
         nearest = min(box, key=lambda m: (box[m].x0 - x) ** 2 + ((box[m].y0 + box[m].y1) / 2 - y) ** 2)
         assert nearest == r["method"]
+
+
+def test_representation_metrics_reach_records_and_tables(cifar_dir, workdir, in_process):
+    assert run_script("reproduce.py", *SWEEP, "--data", cifar_dir, "--probe", "--cka", "--relearn",
+                      "--relearn-max-steps", "10") == 0
+    report = json.loads((workdir / "results/resnet50-smoke.json").read_text())
+    runs = {run["method"]: run for run in report["runs"]}
+    original = str(Path("model_weights/resnet50-smoke_original_s0.pth"))
+    for method in ("original", "retrain", "finetune"):
+        assert 0 <= runs[method]["probe_UA"] <= 100 and runs[method]["relearn_max_steps"] == 10
+        assert runs[method]["original_weights"] == original  # the seed's own original, for retrain too
+    assert runs["original"]["CKA_forget"] == pytest.approx(1.0) and runs["original"]["relearn_steps"] == 0
+    assert 0 <= runs["retrain"]["CKA_forget"] < 1
+    markdown = (workdir / "results/resnet50-smoke.md").read_text()
+    assert "| Probe-UA % | CKA forget | CKA retain | relearn steps | RTE s |" in markdown
+    assert "Representation-level metrics" in markdown
+
+
+def test_table_shows_capped_relearn_runs_and_leaves_out_unmeasured_columns(workdir):
+    def run(method, seed, steps, reached=True):
+        return {"method": method, "seed": seed, "UA": 100.0, "MIA_efficacy": 50.0, "RA": 90.0, "TA": 80.0,
+                "RTE_s": 1.0, "peak_gpu_mem_mb": None, "probe_UA": 10.0 * (seed + 1), "relearn_steps": steps,
+                "relearn_reached": reached, "relearn_max_steps": 500}
+
+    rows = reproduce.summarize([run("retrain", 0, None, False), run("retrain", 1, None, False),
+                                run("lora", 0, 20), run("lora", 1, None, False)])
+    reproduce.write_markdown(workdir / "table.md", "title", [], rows)
+    cells = {name: [cell.strip() for cell in line.split("|")] for name, line in
+             table_rows((workdir / "table.md").read_text()).items()}
+    header = cells["method"]
+    assert "CKA forget" not in header and header.index("relearn steps") == header.index("Probe-UA %") + 1
+    assert cells["retrain"][header.index("relearn steps")] == "> 500"
+    assert cells["lora"][header.index("relearn steps")] == "20 (1 of 2 > 500)"
+    assert cells["lora"][header.index("Probe-UA %")] == "15.00 ± 7.07"
