@@ -470,16 +470,15 @@ class Sweep:
                      if record.get("method") in same_kind and record.get("arch") == run.arch
                      and record.get("preset") == self.args.preset and record.get("device") == device
                      and isinstance(record.get("seconds"), (int, float))]
-            from_bench = None if timed else self.bench_seconds(run)
             if timed:
-                total += statistics.fmean(timed)
-                sources.add("records")
-            elif from_bench is not None:
-                total += from_bench
-                sources.add("bench")
+                seconds, source = statistics.fmean(timed), "records"
+            elif (seconds := self.bench_seconds(run)) is not None:
+                source = "bench"
             else:
-                total += DEFAULT_RUN_SECONDS[(self.args.preset, run.arch)]["scratch" if run.from_scratch else "method"]
-                sources.add("default")
+                seconds = DEFAULT_RUN_SECONDS[(self.args.preset, run.arch)]["scratch" if run.from_scratch else "method"]
+                source = "default"
+            total += seconds
+            sources.add(source)
         return total, " + ".join(source for source in ("records", "bench", "default") if source in sources)
 
     @functools.cached_property
@@ -493,13 +492,14 @@ class Sweep:
         images, times BENCH_SAFETY_FACTOR, plus RUN_START_SECONDS."""
         data = self.data_cache[(self.args.data, self.args.preset)]
         train_images, test_images = len(data.train_labels), len(data.test_labels)
-        measured = {method: speed for (arch, task, method), speed in self.bench_speeds.items()
-                    if arch == run.arch and task == "unlearn"}
         if run.from_scratch:
-            epochs, speed = recipe(run, self.args.preset)["epochs"], self.bench_speeds.get((run.arch, "pretrain", None))
+            epochs = recipe(run, self.args.preset)["epochs"]
+            speed = self.bench_speeds.get((run.arch, "pretrain", None))
         else:
-            epochs, speed = script_epochs(run.script, self.args.preset), measured.get(run.method, min(
-                measured.values(), default=None))
+            methods = {method: speed for (arch, task, method), speed in self.bench_speeds.items()
+                       if arch == run.arch and task == "unlearn"}
+            epochs = script_epochs(run.script, self.args.preset)
+            speed = methods.get(run.method, min(methods.values(), default=None))
         evaluate_speed = self.bench_speeds.get((run.arch, "evaluate", None))
         if speed is None or evaluate_speed is None:
             return None
