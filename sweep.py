@@ -10,9 +10,11 @@ pretrains that seed's own original model, runs every method from it and evaluate
 results/runs/ (metrics, timing and a fingerprint of what produced it); checkpoints are a by-product. A run
 whose record matches the current plan is done, with or without its checkpoint.
 """
+import ast
 import functools
 import hashlib
 import json
+import math
 import os
 import signal
 import socket
@@ -43,6 +45,12 @@ DEFAULT_RUN_SECONDS = {
     ("smoke", "resnet50"): {"scratch": 60, "method": 30},
     ("smoke", "vit"): {"scratch": 60, "method": 30},
 }
+BENCH_DIR = Path("bench")
+# Estimates from bench.py's rows: its runs are short and warmed up, so the training and evaluation time they
+# give is multiplied by this factor, and a run's own start-up (imports, data onto the device, model build),
+# which no bench row times, is added.
+BENCH_SAFETY_FACTOR = 1.25
+RUN_START_SECONDS = 10
 OUTPUT_TAIL_LINES = 25
 CHILD_EXIT_WAIT_S = 10
 
@@ -190,6 +198,17 @@ def recipe(run, preset):
                                  flags, smoke)
 
 
+@functools.cache
+def script_epochs(script, preset):
+    """Epochs a method script trains for under preset: its own RECIPE, read from its source (nothing imports a
+    method script), or else the paper's recipe."""
+    script_recipe = common.PAPER_RECIPE
+    for node in ast.parse((ROOT / script).read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(target, "id", None) == "RECIPE" for target in node.targets):
+            script_recipe = ast.literal_eval(node.value)
+    return common.preset_recipe(script_recipe, preset, {"epochs": common.SMOKE["epochs"]})["epochs"]
+
+
 def fingerprint(run, preset, data_hash, data_label, device, original_hash=None):
     """What produced a run: the plan's part (PLAN_KEYS) and the circumstances (code, device, libraries)."""
     return {"data": {"sha256": data_hash, "label": data_label}, "original": original_hash,
@@ -228,6 +247,33 @@ def read_record(path):
 def all_records():
     """{path: record} of every run record on file."""
     return {path: read_record(path) for path in sorted(RUNS_DIR.glob("*.json"))}
+
+
+def bench_speeds(device, preset):
+    """{(arch, task, method): images/s} of the project-loop rows of every bench record (BENCH_DIR/**/results.json)
+    measured on device with preset, the slowest where rows repeat; method is None but for task "unlearn". A
+    record that cannot be read as one is skipped with a one-line warning."""
+    speeds = {}
+    for path in sorted(BENCH_DIR.glob("**/results.json")):
+        try:
+            record = json.loads(path.read_text())
+            if (record["device"], record["preset"]) != (device, preset):
+                continue
+            found = {}
+            for row in record["rows"]:
+                speed = float(row["images_per_s"])
+                if not (math.isfinite(speed) and speed > 0):
+                    raise ValueError(f"images/s {speed}")
+                key = (row["arch"], row["task"], row.get("method"))
+                if row["style"] == "project":
+                    found[key] = min(speed, found.get(key, speed))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            print(f"warning: bench record {path} skipped: not readable as one ({type(error).__name__}: {error})",
+                  file=sys.stderr)
+            continue
+        for key, speed in found.items():
+            speeds[key] = min(speed, speeds.get(key, speed))
+    return speeds
 
 
 # ----------------------------------------------------------------------------------------- locks
@@ -409,19 +455,57 @@ class Sweep:
         return todo
 
     def expected_seconds(self, runs, records):
-        """Expected duration of runs: the mean of earlier runs of the same kind timed on this device, else
-        DEFAULT_RUN_SECONDS. pretrain and retrain share their timings (the same recipe)."""
+        """Expected duration of runs in seconds (see estimate)."""
+        return self.estimate(runs, records)[0]
+
+    def estimate(self, runs, records):
+        """(seconds, source) expected for runs. A run is expected to take the mean of the earlier runs of its kind
+        timed on this device (pretrain and retrain share their timings: the same recipe), else what this device's
+        bench record gives (bench_seconds), else DEFAULT_RUN_SECONDS; source names those used, e.g. "records +
+        bench"."""
         device = common.device_name(self.args.device)
-        total = 0.0
+        total, sources = 0.0, set()
         for run in runs:
             same_kind = ("original", "retrain") if run.from_scratch else (run.method,)
             timed = [record["seconds"] for record in records.values()
                      if record.get("method") in same_kind and record.get("arch") == run.arch
                      and record.get("preset") == self.args.preset and record.get("device") == device
                      and isinstance(record.get("seconds"), (int, float))]
-            default = DEFAULT_RUN_SECONDS[(self.args.preset, run.arch)]["scratch" if run.from_scratch else "method"]
-            total += statistics.fmean(timed) if timed else default
-        return total
+            if timed:
+                seconds, source = statistics.fmean(timed), "records"
+            elif (seconds := self.bench_seconds(run)) is not None:
+                source = "bench"
+            else:
+                seconds = DEFAULT_RUN_SECONDS[(self.args.preset, run.arch)]["scratch" if run.from_scratch else "method"]
+                source = "default"
+            total += seconds
+            sources.add(source)
+        return total, " + ".join(source for source in ("records", "bench", "default") if source in sources)
+
+    @functools.cached_property
+    def bench_speeds(self):
+        return bench_speeds(common.device_name(self.args.device), self.args.preset)
+
+    def bench_seconds(self, run):
+        """Seconds run is expected to take from this device's bench rows, None without the rows it needs: its
+        epochs over the training images at the measured images/s (pretraining for a from-scratch run; for a
+        method, its own unlearning rows or else the slowest method's), plus evaluating the train and test
+        images, times BENCH_SAFETY_FACTOR, plus RUN_START_SECONDS."""
+        data = self.data_cache[(self.args.data, self.args.preset)]
+        train_images, test_images = len(data.train_labels), len(data.test_labels)
+        if run.from_scratch:
+            epochs = recipe(run, self.args.preset)["epochs"]
+            speed = self.bench_speeds.get((run.arch, "pretrain", None))
+        else:
+            methods = {method: speed for (arch, task, method), speed in self.bench_speeds.items()
+                       if arch == run.arch and task == "unlearn"}
+            epochs = script_epochs(run.script, self.args.preset)
+            speed = methods.get(run.method, min(methods.values(), default=None))
+        evaluate_speed = self.bench_speeds.get((run.arch, "evaluate", None))
+        if speed is None or evaluate_speed is None:
+            return None
+        seconds = epochs * train_images / speed + (train_images + test_images) / evaluate_speed
+        return BENCH_SAFETY_FACTOR * seconds + RUN_START_SECONDS
 
     def run_unit(self, unit):
         """Train and evaluate what unit still needs, writing one record per run; prints a line per run.

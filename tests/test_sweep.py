@@ -6,10 +6,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import run_script
+from conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, run_script
 
 import common
 import sweep
@@ -152,3 +153,113 @@ def test_data_and_model_hashes_follow_the_content(tmp_path):
         model.bias[0] += 1
     common.save_checkpoint(tmp_path / "b.pth", model, {"created": "now"})
     assert sweep.model_sha256(tmp_path / "a.pth") != sweep.model_sha256(tmp_path / "b.pth")
+
+
+def bench_record(path, device="cpu", preset="smoke", rows=None):
+    """A bench.py results.json at path: resnet50 pretraining at 100 images/s, evaluation at 400, finetune at 200
+    and lora at 50 images/s (the slower of its two prune modes; a reference-loop row is not the sweep's loop)."""
+    def row(task, speed, method=None, style="project"):
+        return {"arch": "resnet50", "task": task, "method": method, "style": style, "seconds": 1.0,
+                "images_per_s": speed}
+    rows = rows if rows is not None else [row("pretrain", 100.0), row("evaluate", 400.0),
+                                          row("unlearn", 200.0, "finetune"), row("unlearn", 50.0, "lora"),
+                                          row("unlearn", 80.0, "lora"),
+                                          row("unlearn", 1.0, "lora", style="reference")]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"device": device, "preset": preset, "epochs": 1, "limit": None, "rows": rows}))
+
+
+def estimate_plan(preset="smoke", train_images=300, test_images=100):
+    """A Sweep on cpu whose data has train_images and test_images (only their counts matter to estimates)."""
+    args = SimpleNamespace(preset=preset, data="data", device="cpu", data_label="CIFAR-10", force=False)
+    data = common.CIFAR10(common.torch.zeros(train_images, 3, 32, 32, dtype=common.torch.uint8),
+                          common.torch.zeros(train_images, dtype=common.torch.long),
+                          common.torch.zeros(test_images, 3, 32, 32, dtype=common.torch.uint8),
+                          common.torch.zeros(test_images, dtype=common.torch.long))
+    plan = sweep.Sweep(args, common.ForgetSpec(), "data-hash", {("data", preset): data})
+    return plan, {method: sweep.make_run("resnet50", method, 0, args, common.ForgetSpec())
+                  for method in ("original", "retrain", "finetune", "lora", "ga")}
+
+
+@pytest.fixture
+def estimates(workdir, monkeypatch):
+    """Round constants: estimates are 2 x (training + evaluation seconds) + 5 s."""
+    monkeypatch.setattr(sweep, "BENCH_SAFETY_FACTOR", 2.0)
+    monkeypatch.setattr(sweep, "RUN_START_SECONDS", 5)
+    monkeypatch.setitem(sweep.DEFAULT_RUN_SECONDS, ("smoke", "resnet50"), {"scratch": 1000, "method": 500})
+
+
+def test_bench_record_of_this_device_and_preset_gives_the_estimates(estimates, workdir, capsys):
+    bench_record(workdir / "bench/cpu-smoke/results.json")
+    slow = [{"arch": "resnet50", "task": task, "method": None, "style": "project", "images_per_s": 1e-3}
+            for task in ("pretrain", "evaluate")]
+    bench_record(workdir / "bench/gpu/results.json", device="NVIDIA H100 80GB HBM3", rows=slow)
+    bench_record(workdir / "bench/cpu-full/results.json", preset="full", rows=slow)
+    plan, runs = estimate_plan()
+    evaluation = (300 + 100) / 400
+    pretrain_epochs = common.SMOKE["pretrain_epochs"]
+    # from scratch: the pretraining recipe's epochs over the training images; a method: its own row, and a method
+    # bench did not time (ga) gets the slowest one's (lora's)
+    assert plan.estimate([runs["original"]], {}) == (2 * (pretrain_epochs * 300 / 100 + evaluation) + 5, "bench")
+    assert plan.estimate([runs["retrain"]], {}) == plan.estimate([runs["original"]], {})
+    assert plan.estimate([runs["finetune"]], {}) == (2 * (300 / 200 + evaluation) + 5, "bench")
+    assert plan.estimate([runs["ga"]], {}) == (2 * (300 / 50 + evaluation) + 5, "bench")
+    both = plan.expected_seconds([runs["finetune"], runs["lora"]], {})
+    assert both == pytest.approx(2 * (300 / 200 + 300 / 50 + 2 * evaluation) + 10)
+    assert capsys.readouterr().err == ""
+
+
+def test_records_come_before_bench_and_bench_before_the_default(estimates, workdir):
+    plan, runs = estimate_plan()
+    assert plan.estimate([runs["original"], runs["finetune"]], {}) == (1500, "default")
+    bench_record(workdir / "bench/results.json")
+    del plan.bench_speeds  # read again
+    bench_finetune = plan.estimate([runs["finetune"]], {})[0]
+    timed = {"a": {"method": "retrain", "arch": "resnet50", "preset": "smoke", "device": "cpu", "seconds": 40.0},
+             "b": {"method": "retrain", "arch": "resnet50", "preset": "smoke", "device": "cpu", "seconds": 60.0},
+             "other device": {"method": "finetune", "arch": "resnet50", "preset": "smoke", "device": "NVIDIA H100",
+                              "seconds": 1.0}}
+    assert plan.estimate([runs["original"], runs["finetune"]], timed) == (50 + bench_finetune, "records + bench")
+    vit_original = sweep.make_run("vit", "original", 0, plan.args, common.ForgetSpec())
+    vit_default = sweep.DEFAULT_RUN_SECONDS[("smoke", "vit")]["scratch"]
+    assert plan.estimate([vit_original, runs["original"]], timed) == (vit_default + 50, "records + default")
+
+
+@pytest.mark.parametrize("content", ["{not json", '["a list"]', '{"device": "cpu", "preset": "smoke"}',
+                                     '{"device": "cpu", "preset": "smoke", "rows": [{"arch": "resnet50", '
+                                     '"task": "pretrain", "style": "project", "images_per_s": 0}]}'])
+def test_unreadable_bench_record_is_skipped_with_a_one_line_warning(estimates, workdir, capsys, content):
+    corrupt = workdir / "bench/a/results.json"
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_text(content)
+    plan, runs = estimate_plan()
+    assert plan.estimate([runs["original"]], {}) == (1000, "default")
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: bench record {Path('bench/a/results.json')} skipped") and err.count("\n") == 1
+    bench_record(workdir / "bench/b/results.json")  # a readable record beside it is used
+    plan, runs = estimate_plan()
+    assert plan.estimate([runs["original"]], {})[1] == "bench"
+    assert corrupt.read_text() == content
+
+
+def test_method_estimates_follow_each_scripts_own_epochs(estimates, workdir):
+    bench_record(workdir / "bench/results.json", preset="full")
+    plan, runs = estimate_plan("full", train_images=1000, test_images=200)
+    evaluation = 1200 / 400
+    for method, epochs in (("finetune", common.PAPER_RECIPE["epochs"]), ("rl", 10), ("scrub", 3)):
+        run = sweep.make_run("resnet50", method, 0, plan.args, common.ForgetSpec())
+        speed = 200 if method == "finetune" else 50
+        assert plan.estimate([run], {}) == (2 * (epochs * 1000 / speed + evaluation) + 5, "bench")
+    original = common.PRETRAIN_RECIPES["resnet50"]["epochs"]
+    assert plan.estimate([runs["original"]], {}) == (2 * (original * 1000 / 100 + evaluation) + 5, "bench")
+
+
+def test_time_budget_uses_the_bench_record(cifar_dir, workdir, monkeypatch, capsys):
+    monkeypatch.setitem(sweep.DEFAULT_RUN_SECONDS, ("smoke", "resnet50"), {"scratch": 1000, "method": 500})
+    bench_record(workdir / "bench/results.json")
+    assert run_script("reproduce.py", *SMOKE, "--units", "resnet50-s0-retrain", "--no-tables", "--data", cifar_dir,
+                      "--time-budget", "1") == 0
+    plan, runs = estimate_plan(train_images=TRAIN_PER_CLASS * 10, test_images=TEST_PER_CLASS * 10)
+    expected = plan.expected_seconds([runs["retrain"]], {})
+    assert f"resnet50-s0-retrain: expected {expected:.0f} s" in capsys.readouterr().out
+    assert not (workdir / "results/runs").exists()
