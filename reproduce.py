@@ -162,13 +162,14 @@ def run_units(plan, units, args, argv, started):
             print(f"{prefix}: done (records on file)")
             continue
         if args.time_budget is not None:
-            expected = plan.expected_seconds(todo, records)
+            expected, source = plan.estimate(todo, records)
             remaining = args.time_budget - (time.monotonic() - started)
             if expected > remaining:
-                print(f"{prefix}: expected {expected:.0f} s, {max(remaining, 0):.0f} s of the time budget left; "
-                      f"not started")
+                print(f"{prefix}: expected {expected:.0f} s (from {source}), {max(remaining, 0):.0f} s of the time "
+                      f"budget left; not started")
                 left.append(unit)
                 continue
+            prefix += f" (expected {expected:.0f} s from {source}, {remaining:.0f} s of the budget left)"
         lock = sweep.unit_lock(unit, args.preset, plan.spec)
         holder = lock.acquire()
         if holder:

@@ -454,10 +454,6 @@ class Sweep:
             return unit.runs
         return todo
 
-    def expected_seconds(self, runs, records):
-        """Expected duration of runs in seconds (see estimate)."""
-        return self.estimate(runs, records)[0]
-
     def estimate(self, runs, records):
         """(seconds, source) expected for runs. A run is expected to take the mean of the earlier runs of its kind
         timed on this device (pretrain and retrain share their timings: the same recipe), else what this device's

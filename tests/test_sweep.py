@@ -204,7 +204,7 @@ def test_bench_record_of_this_device_and_preset_gives_the_estimates(estimates, w
     assert plan.estimate([runs["retrain"]], {}) == plan.estimate([runs["original"]], {})
     assert plan.estimate([runs["finetune"]], {}) == (2 * (300 / 200 + evaluation) + 5, "bench")
     assert plan.estimate([runs["ga"]], {}) == (2 * (300 / 50 + evaluation) + 5, "bench")
-    both = plan.expected_seconds([runs["finetune"], runs["lora"]], {})
+    both = plan.estimate([runs["finetune"], runs["lora"]], {})[0]
     assert both == pytest.approx(2 * (300 / 200 + 300 / 50 + 2 * evaluation) + 10)
     assert capsys.readouterr().err == ""
 
@@ -260,6 +260,6 @@ def test_time_budget_uses_the_bench_record(cifar_dir, workdir, monkeypatch, caps
     assert run_script("reproduce.py", *SMOKE, "--units", "resnet50-s0-retrain", "--no-tables", "--data", cifar_dir,
                       "--time-budget", "1") == 0
     plan, runs = estimate_plan(train_images=TRAIN_PER_CLASS * 10, test_images=TEST_PER_CLASS * 10)
-    expected = plan.expected_seconds([runs["retrain"]], {})
-    assert f"resnet50-s0-retrain: expected {expected:.0f} s" in capsys.readouterr().out
+    expected = plan.estimate([runs["retrain"]], {})[0]
+    assert f"resnet50-s0-retrain: expected {expected:.0f} s (from bench)" in capsys.readouterr().out
     assert not (workdir / "results/runs").exists()
