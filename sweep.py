@@ -189,24 +189,24 @@ def code_version():
     return {"commit": commit, "dirty": dirty}
 
 
+@functools.cache
+def script_recipe(script):
+    """A method script's own RECIPE (the baselines'), read from its source since nothing imports a method script;
+    else the paper's recipe."""
+    for node in ast.parse((ROOT / script).read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(target, "id", None) == "RECIPE" for target in node.targets):
+            return ast.literal_eval(node.value)
+    return common.PAPER_RECIPE
+
+
 def recipe(run, preset):
-    """The training recipe the run's script resolves from common.py for the sweep's flags."""
+    """The training recipe the run's script resolves for the sweep's flags: the pretraining recipe, or the method
+    script's own, with the preset's overrides."""
     flags = SimpleNamespace(preset=preset, epochs=None, lr=None, batch_size=None)
     smoke = {"epochs": common.SMOKE["pretrain_epochs" if run.from_scratch else "epochs"],
              "batch_size": common.SMOKE["batch_size"]}
-    return common.with_overrides(common.PRETRAIN_RECIPES[run.arch] if run.from_scratch else common.PAPER_RECIPE,
-                                 flags, smoke)
-
-
-@functools.cache
-def script_epochs(script, preset):
-    """Epochs a method script trains for under preset: its own RECIPE, read from its source (nothing imports a
-    method script), or else the paper's recipe."""
-    script_recipe = common.PAPER_RECIPE
-    for node in ast.parse((ROOT / script).read_text()).body:
-        if isinstance(node, ast.Assign) and any(getattr(target, "id", None) == "RECIPE" for target in node.targets):
-            script_recipe = ast.literal_eval(node.value)
-    return common.preset_recipe(script_recipe, preset, {"epochs": common.SMOKE["epochs"]})["epochs"]
+    base = common.PRETRAIN_RECIPES[run.arch] if run.from_scratch else script_recipe(run.script)
+    return common.with_overrides(base, flags, smoke)
 
 
 def fingerprint(run, preset, data_hash, data_label, device, original_hash=None):
@@ -489,13 +489,12 @@ class Sweep:
         images, times BENCH_SAFETY_FACTOR, plus RUN_START_SECONDS."""
         data = self.data_cache[(self.args.data, self.args.preset)]
         train_images, test_images = len(data.train_labels), len(data.test_labels)
+        epochs = recipe(run, self.args.preset)["epochs"]
         if run.from_scratch:
-            epochs = recipe(run, self.args.preset)["epochs"]
             speed = self.bench_speeds.get((run.arch, "pretrain", None))
         else:
             methods = {method: speed for (arch, task, method), speed in self.bench_speeds.items()
                        if arch == run.arch and task == "unlearn"}
-            epochs = script_epochs(run.script, self.args.preset)
             speed = methods.get(run.method, min(methods.values(), default=None))
         evaluate_speed = self.bench_speeds.get((run.arch, "evaluate", None))
         if speed is None or evaluate_speed is None:

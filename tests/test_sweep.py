@@ -250,6 +250,10 @@ def test_method_estimates_follow_each_scripts_own_epochs(estimates, workdir):
         run = sweep.make_run("resnet50", method, 0, plan.args, common.ForgetSpec())
         speed = 200 if method == "finetune" else 50
         assert plan.estimate([run], {}) == (2 * (epochs * 1000 / speed + evaluation) + 5, "bench")
+        assert sweep.recipe(run, "full")["epochs"] == epochs  # the recipe fingerprinted in its record too
+    rl = sweep.make_run("resnet50", "rl", 0, plan.args, common.ForgetSpec())
+    assert sweep.recipe(rl, "full") == {"epochs": 10, "lr": 0.013, "batch_size": 256}
+    assert sweep.recipe(rl, "smoke")["epochs"] == common.SMOKE["epochs"]
     original = common.PRETRAIN_RECIPES["resnet50"]["epochs"]
     assert plan.estimate([runs["original"]], {}) == (2 * (original * 1000 / 100 + evaluation) + 5, "bench")
 
