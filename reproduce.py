@@ -475,18 +475,17 @@ def parse_args(argv):
     tables.add_argument("--no-tables", action="store_true", help="run units, but do not rebuild tables and plots")
     tables.add_argument("--tables-only", action="store_true",
                         help="only rebuild tables and plots from the run records on file")
-    metrics = parser.add_argument_group("representation-level metrics (README: Representation-level metrics)")
-    metrics.add_argument("--probe", action=argparse.BooleanOptionalAction,
+    parser.add_argument("--probe", action=argparse.BooleanOptionalAction,
                          help="Probe-UA of every run (default: on for the full preset, off for smoke)")
-    metrics.add_argument("--cka", action=argparse.BooleanOptionalAction,
+    parser.add_argument("--cka", action=argparse.BooleanOptionalAction,
                          help="linear CKA to the seed's original model (default: on for the full preset, off for "
                               "smoke)")
-    metrics.add_argument("--relearn", action="store_true",
+    parser.add_argument("--relearn", action="store_true",
                          help="relearn time of every run (off by default: it can cost a third of a unit)")
-    metrics.add_argument("--relearn-fraction", type=common.open_unit_interval,
+    parser.add_argument("--relearn-fraction", type=common.open_unit_interval,
                          default=representation.RELEARN["fraction"], metavar="F",
                          help=f"share of the forget set relearned from (default: {representation.RELEARN['fraction']})")
-    metrics.add_argument("--relearn-max-steps", type=common.number(int, 1, 10**6),
+    parser.add_argument("--relearn-max-steps", type=common.number(int, 1, 10**6),
                          default=representation.RELEARN["max_steps"], metavar="N",
                          help=f"give up relearning after N steps (default: {representation.RELEARN['max_steps']})")
     launch.add_launcher_arguments(parser)
