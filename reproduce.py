@@ -235,8 +235,11 @@ def provenance(runs):
 
     def counted(counter):
         return "; ".join(f"{text} ({n} run{'s' if n != 1 else ''})" for text, n in sorted(counter.items()))
-    return (f"Code: {counted(Counter(map(code, runs)))}. Libraries: {counted(Counter(map(libraries, runs)))}. "
-            f"Runs from other commits or devices are reused (see README); rerun with --force to refresh them.")
+    codes, library_sets = Counter(map(code, runs)), Counter(map(libraries, runs))
+    mixed = len(codes) > 1 or len(library_sets) > 1 or len({run.get("device") for run in runs}) > 1
+    return (f"Code: {counted(codes)}. Libraries: {counted(library_sets)}."
+            + (" Runs from other commits, library versions or devices are reused (see README); rerun with --force "
+               "to refresh them." if mixed else ""))
 
 
 def notes(spec, rows, runs):

@@ -133,6 +133,7 @@ def test_sweep_writes_records_and_tables_then_rebuilds_them_without_checkpoints(
     assert markdown.startswith(f"# resnet50 · forget class 3 (cat) · preset smoke · cpu · {original['created'][:10]} · "
                                f"1 seed (0) · CIFAR-10 (JPEG copy)\n")
     assert "the original row is a mean over seeds too" in markdown and "Code: " in markdown
+    assert "are reused" not in markdown  # one commit, one device: nothing to warn about
     assert list(table_rows(markdown)) == ["method", "original", "retrain", "finetune"]
     for name in ("metrics", "tradeoff"):
         assert (workdir / f"results/resnet50-smoke_{name}.png").read_bytes().startswith(b"\x89PNG")
@@ -342,3 +343,14 @@ def test_table_shows_capped_relearn_runs_and_leaves_out_unmeasured_columns(workd
     assert cells["retrain"][header.index("relearn steps")] == "> 500"
     assert cells["lora"][header.index("relearn steps")] == "20 (1 of 2 > 500)"
     assert cells["lora"][header.index("Probe-UA %")] == "15.00 ± 7.07"
+
+
+def test_provenance_warns_only_when_runs_come_from_different_code_or_devices():
+    def run(commit, device):
+        return {"device": device, "fingerprint": {"code": {"commit": commit, "dirty": False},
+                                                  "versions": {"torch": "2.9"}}}
+
+    same = reproduce.provenance([run("a" * 40, "cpu"), run("a" * 40, "cpu")])
+    assert same == f"Code: commit {'a' * 10} (2 runs). Libraries: torch 2.9 (2 runs)."
+    assert "are reused" in reproduce.provenance([run("a" * 40, "cpu"), run("b" * 40, "cpu")])
+    assert "are reused" in reproduce.provenance([run("a" * 40, "cpu"), run("a" * 40, "NVIDIA H100")])
