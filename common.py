@@ -59,6 +59,11 @@ PRETRAIN_RECIPES = {
     "vit": {"epochs": 200, "lr": 1e-3, "batch_size": 512, "optimizer": "adamw", "weight_decay": 0.05,
             "label_smoothing": 0.1, "warmup_fraction": 0.05},
 }
+# Optional PRETRAIN_RECIPES keys and the values that leave them off: a recipe without them trains exactly as before.
+# mixup_alpha / cutmix_alpha: Beta(alpha, alpha) of mixup / cutmix (0: off); mix_prob: share of batches mixed;
+# switch_prob: share of mixed batches that use cutmix when both are on (see mix_batch); compile: torch.compile.
+PRETRAIN_OPTIONS = {"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0, "switch_prob": 0.5, "compile": False}
+COMPILE_BACKEND = "inductor"  # torch.compile's backend under compile (inductor needs a C++ compiler on CPU)
 # A tiny configuration that runs every script end to end on a CPU in seconds.
 SMOKE = {"train_per_class": 30, "test_per_class": 10, "epochs": 1, "pretrain_epochs": 3, "batch_size": 64}
 # LoRA defaults per arch: rank, alpha, dropout, target-module regex, modules trained in full.
@@ -767,10 +772,62 @@ def _check_finite(bad_step, bad_loss, desc, epoch, epochs, steps):
                                f"(a lower --lr may help)")
 
 
+def beta_sample(alpha, generator, device):
+    """One Beta(alpha, alpha) draw on the device: the first coordinate of a Dirichlet(alpha, alpha), as
+    torch.distributions.Beta draws it, but from a given generator (torch.distributions takes none)."""
+    return torch._sample_dirichlet(torch.full((2,), float(alpha), device=device), generator=generator)[0]
+
+
+def mix_batch(inputs, labels, generator, mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=1.0, switch_prob=0.5):
+    """(mixed inputs, soft targets [N, NUM_CLASSES]): the batch mixed with its reverse, like timm's Mixup in batch
+    mode. With probability mix_prob the batch is mixed, by cutmix with probability switch_prob when both alphas are
+    on, else by the one that is on. Mixup blends whole images with weight lam ~ Beta(mixup_alpha, mixup_alpha);
+    cutmix pastes a box of the partner image of area about (1 - lam) with lam ~ Beta(cutmix_alpha, cutmix_alpha),
+    then sets lam to the share of the image outside the box. The targets put lam on an image's label and 1 - lam on
+    its partner's. With both alphas 0 the inputs come back unchanged with one-hot targets and nothing is drawn.
+
+    timm's Mixup is not used: it draws from numpy's global generator (repeatable only if nothing else uses it) and
+    needs an even batch size, while the last batch of an epoch may be odd. Here every draw comes from `generator`
+    (the batches' own, on the device), the same draws for every batch, so a seed repeats a run, and no step reads a
+    value back to the host: the box is a mask, not Python slice bounds."""
+    targets = torch.zeros(len(labels), NUM_CLASSES, device=labels.device).scatter_(1, labels[:, None], 1.0)
+    if not (mixup_alpha or cutmix_alpha):
+        return inputs, targets
+    device = inputs.device
+    apply_draw, switch_draw, row_draw, column_draw = torch.rand(4, device=device, generator=generator)
+    partner = inputs.flip(0)
+    if mixup_alpha:
+        mixup_lam = beta_sample(mixup_alpha, generator, device)
+        mixup_inputs = inputs * mixup_lam + partner * (1 - mixup_lam)
+    if cutmix_alpha:
+        height, width = inputs.shape[-2:]
+        side_ratio = (1 - beta_sample(cutmix_alpha, generator, device)).sqrt()
+
+        def span(size, centre_draw):  # [centre - cut // 2, centre + cut // 2) clipped to the image, as timm's box
+            centre, half_cut = (centre_draw * size).floor(), (side_ratio * size).floor().div(2, rounding_mode="floor")
+            positions = torch.arange(size, device=device)
+            return (positions >= centre - half_cut) & (positions < centre + half_cut)
+        box = span(height, row_draw)[:, None] & span(width, column_draw)[None, :]
+        cutmix_lam = 1 - box.float().mean()
+        cutmix_inputs = torch.where(box, partner, inputs)
+    if mixup_alpha and cutmix_alpha:
+        use_cutmix = switch_draw < switch_prob
+        lam = torch.where(use_cutmix, cutmix_lam, mixup_lam)
+        mixed = torch.where(use_cutmix, cutmix_inputs, mixup_inputs)
+    else:
+        lam, mixed = (mixup_lam, mixup_inputs) if mixup_alpha else (cutmix_lam, cutmix_inputs)
+    apply = apply_draw < mix_prob
+    lam = torch.where(apply, lam, 1.0)
+    return torch.where(apply, mixed, inputs), lam * targets + (1 - lam) * targets.flip(0)
+
+
 def train_from_scratch(model, data, idx, recipe, seed, desc="pretrain", curve=None):
-    """Train a fresh model on images[idx] with a PRETRAIN_RECIPES entry: augmentation, one-cycle schedule.
+    """Train a fresh model on images[idx] with a PRETRAIN_RECIPES entry: augmentation, one-cycle schedule, and the
+    PRETRAIN_OPTIONS the recipe turns on (mixup/cutmix on the device, torch.compile). Returns the model itself,
+    never the compiled wrapper, so its state dict has the plain parameter names.
 
     curve: an AccuracyCurve, called after each epoch."""
+    options = {**PRETRAIN_OPTIONS, **recipe}
     batches = Batches(data.train_images, data.train_labels, idx, recipe["batch_size"], seed=seed, augment=True)
     params = [p for p in model.parameters() if p.requires_grad]
     if recipe["optimizer"] == "sgd":
@@ -782,12 +839,26 @@ def train_from_scratch(model, data, idx, recipe, seed, desc="pretrain", curve=No
                                                     total_steps=recipe["epochs"] * len(batches),
                                                     pct_start=recipe["warmup_fraction"])
     smoothing = recipe["label_smoothing"]
+    mixing = {key: options[key] for key in ("mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob")}
+    mixes = bool(mixing["mixup_alpha"] or mixing["cutmix_alpha"])
 
     def smoothed_cross_entropy(model, inputs, labels):
+        if mixes:  # soft targets; cross_entropy smooths them as it does labels: (1 - s) * targets + s / classes
+            inputs, labels = mix_batch(inputs, labels, batches.generator, **mixing)
         return F.cross_entropy(model(inputs), labels, label_smoothing=smoothing)
 
-    return train(model, batches, recipe["epochs"], loss_fn=smoothed_cross_entropy, optimizer=optimizer,
-                 scheduler=scheduler, after_epoch=curve, desc=desc)
+    trained = model
+    if options["compile"]:
+        # Compiled lazily at the first steps, so compile time is part of the training time (the RTE). Static shapes:
+        # the last, smaller batch of an epoch gets a graph of its own instead of making every step's graph dynamic.
+        trained = torch.compile(model, backend=COMPILE_BACKEND, dynamic=False)
+    try:
+        train(trained, batches, recipe["epochs"], loss_fn=smoothed_cross_entropy, optimizer=optimizer,
+              scheduler=scheduler, after_epoch=curve, desc=desc)
+    except torch._dynamo.exc.BackendCompilerFailed as error:
+        raise UserError(f"--compile failed ({COMPILE_BACKEND}): {str(error).strip().splitlines()[0]}; "
+                        f"run without --compile") from None
+    return model
 
 
 def default_eval_every(epochs):
@@ -1062,7 +1133,7 @@ def weights_path(arch, method, preset="full", spec=None, seed=None, settings=Non
 
 # Flags that are part of the name already (arch, preset, forget setting, seed) or do not change what is learnt.
 NAMED_OR_NEUTRAL_FLAGS = {"help", "arch", "preset", "seed", "forget_class", "forget_random", "forget_seed", "data",
-                          "device", "deterministic", "out", "weights", "eval_every"}
+                          "device", "deterministic", "out", "weights", "eval_every", "compile"}
 
 
 def setting_text(value):
@@ -1361,6 +1432,20 @@ def report_saved(out, meta):
     print(f"{meta['method']}: {meta['rte_s']:.1f} s on {meta['device']}{memory} -> {out}")
 
 
+def add_pretrain_option_arguments(parser):
+    """--mixup, --cutmix and --compile of pretrain.py and retrain.py: override the recipe's PRETRAIN_OPTIONS."""
+    parser.add_argument("--mixup", dest="mixup_alpha", type=nonnegative_float, metavar="ALPHA",
+                        help="mixup on the device: each batch blended with its reverse by a Beta(ALPHA, ALPHA) weight, "
+                             "soft targets; 0: off (default: the recipe's, off unless it sets mixup_alpha)")
+    parser.add_argument("--cutmix", dest="cutmix_alpha", type=nonnegative_float, metavar="ALPHA",
+                        help="cutmix on the device: a box of the reversed batch pasted in, its area from "
+                             "Beta(ALPHA, ALPHA); with --mixup, switch_prob of the mixed batches use cutmix; 0: off "
+                             "(default: the recipe's, off unless it sets cutmix_alpha)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="torch.compile the model for training; compile time counts in the RTE (default: the "
+                             "recipe's, off unless it sets compile)")
+
+
 def run_from_scratch(method, doc, argv=None):
     """Command-line entry of pretrain.py (all training images) and retrain.py (the retain set only)."""
     def main(argv):
@@ -1370,13 +1455,15 @@ def run_from_scratch(method, doc, argv=None):
                             help="print test accuracy and images/s after every N-th epoch and the last, saved as "
                                  "meta['curve'] (retrain: the test images of the retained classes); 0: never "
                                  "(default: about ten points per run, epochs // 10)")
+        add_pretrain_option_arguments(parser)
         args = parser.parse_args(argv)
         args.method = method
         spec = (forget_spec_from_args(args) or ForgetSpec()) if method == "retrain" else None
         if method != "retrain" and forget_spec_from_args(args) is not None:
             raise UserError("pretrain.py trains on every training image; forget flags belong to retrain.py")
         smoke = {"epochs": SMOKE["pretrain_epochs"], "batch_size": SMOKE["batch_size"]}
-        settings = name_settings(parser, args, preset_recipe(PRETRAIN_RECIPES[args.arch], args.preset, smoke))
+        settings = name_settings(parser, args, {**PRETRAIN_OPTIONS, **preset_recipe(PRETRAIN_RECIPES[args.arch],
+                                                                                    args.preset, smoke)})
         out = check_out_path(args, weights_path(args.arch, method, args.preset, spec, settings=settings))
         with deterministic_mode(args.deterministic):
             device = torch.device(args.device)
@@ -1388,7 +1475,9 @@ def run_from_scratch(method, doc, argv=None):
                 idx, test_idx = splits.retain_idx, splits.test_idx
             else:
                 idx, test_idx = torch.arange(len(data.train_labels), device=device), all_test
-            recipe = with_overrides(PRETRAIN_RECIPES[args.arch], args, smoke)
+            recipe = {**PRETRAIN_OPTIONS, **with_overrides(PRETRAIN_RECIPES[args.arch], args, smoke)}
+            recipe.update({key: getattr(args, key) for key in ("mixup_alpha", "cutmix_alpha", "compile")
+                           if getattr(args, key) is not None})
             seed_everything(args.seed)
             model = to_device(build_model(args.arch, args.preset), device)
             print(f"{method}: {len(idx)} training images, {recipe['epochs']} epoch(s) on {device_name(device)}",

@@ -2,6 +2,7 @@
 
     python pretrain.py --arch resnet50            # -> model_weights/resnet50_original.pth
     python pretrain.py --arch vit --preset smoke  # tiny CPU check
+    python pretrain.py --arch vit --mixup 0.8 --cutmix 1.0 --compile  # optional recipe keys, see README
 
 The recipe per arch (optimizer, epochs, augmentation) is PRETRAIN_RECIPES in common.py.
 """
