@@ -111,7 +111,8 @@ def test_sweep_writes_records_and_tables_then_rebuilds_them_without_checkpoints(
                                                                               capsys, tmp_path_factory):
     assert run_script("reproduce.py", *SWEEP, "--list-units") == 0
     assert capsys.readouterr().out == "resnet50-s0-methods\nresnet50-s0-retrain\n"
-    assert run_script("reproduce.py", *SWEEP, "--data", cifar_dir) == 0
+    assert run_script("reproduce.py", *SWEEP, "--data", cifar_dir, "--probe", "--cka", "--relearn",
+                      "--relearn-max-steps", "10") == 0
     out = capsys.readouterr().out
     assert "[1/2] resnet50-s0-methods" in out and "[2/2] resnet50-s0-retrain" in out
     assert in_process.started == ["pretrain.py", "finetune.py", "retrain.py"]
@@ -128,6 +129,12 @@ def test_sweep_writes_records_and_tables_then_rebuilds_them_without_checkpoints(
     assert {"commit", "dirty"} == set(finetune["fingerprint"]["code"])
     assert original["curve"][-1]["epoch"] == 1 and "test_accuracy" in retrain["curve"][-1]
     assert "curve" not in finetune
+    # representation-level metrics, each run against its seed's own original (retrain too)
+    for run in (original, retrain, finetune):
+        assert 0 <= run["probe_UA"] <= 100 and run["relearn_max_steps"] == 10
+        assert run["original_weights"] == str(Path("model_weights/resnet50-smoke_original_s0.pth"))
+    assert original["CKA_forget"] == pytest.approx(1.0) and original["relearn_steps"] == 0
+    assert 0 <= retrain["CKA_forget"] < 1
     assert [row["n"] for row in report["summary"]] == [1, 1, 1]
     markdown = (workdir / "results/resnet50-smoke.md").read_text()
     assert markdown.startswith(f"# resnet50 · forget class 3 (cat) · preset smoke · cpu · {original['created'][:10]} · "
@@ -135,6 +142,8 @@ def test_sweep_writes_records_and_tables_then_rebuilds_them_without_checkpoints(
     assert "the original row is a mean over seeds too" in markdown and "Code: " in markdown
     assert "are reused" not in markdown  # one commit, one device: nothing to warn about
     assert list(table_rows(markdown)) == ["method", "original", "retrain", "finetune"]
+    assert "| Probe-UA % | CKA forget | CKA retain | relearn steps | RTE s |" in markdown
+    assert "Representation-level metrics" in markdown
     for name in ("metrics", "tradeoff"):
         assert (workdir / f"results/resnet50-smoke_{name}.png").read_bytes().startswith(b"\x89PNG")
     assert sorted(path.name for path in (workdir / "results/runs").iterdir()) == [
@@ -309,22 +318,6 @@ def test_tradeoff_labels_sit_next_to_their_own_points(tmp_path):
         x, y = ax.transData.transform((r["RTE_s"]["mean"], r["avg_gap"]["mean"]))
         nearest = min(box, key=lambda m: (box[m].x0 - x) ** 2 + ((box[m].y0 + box[m].y1) / 2 - y) ** 2)
         assert nearest == r["method"]
-
-
-def test_representation_metrics_reach_records_and_tables(cifar_dir, workdir, in_process):
-    assert run_script("reproduce.py", *SWEEP, "--data", cifar_dir, "--probe", "--cka", "--relearn",
-                      "--relearn-max-steps", "10") == 0
-    report = json.loads((workdir / "results/resnet50-smoke.json").read_text())
-    runs = {run["method"]: run for run in report["runs"]}
-    original = str(Path("model_weights/resnet50-smoke_original_s0.pth"))
-    for method in ("original", "retrain", "finetune"):
-        assert 0 <= runs[method]["probe_UA"] <= 100 and runs[method]["relearn_max_steps"] == 10
-        assert runs[method]["original_weights"] == original  # the seed's own original, for retrain too
-    assert runs["original"]["CKA_forget"] == pytest.approx(1.0) and runs["original"]["relearn_steps"] == 0
-    assert 0 <= runs["retrain"]["CKA_forget"] < 1
-    markdown = (workdir / "results/resnet50-smoke.md").read_text()
-    assert "| Probe-UA % | CKA forget | CKA retain | relearn steps | RTE s |" in markdown
-    assert "Representation-level metrics" in markdown
 
 
 def test_table_shows_capped_relearn_runs_and_leaves_out_unmeasured_columns(workdir):
