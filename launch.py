@@ -35,8 +35,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import submitit
-from submitit.core.utils import FailedSubmissionError, UncompletedJobError
 from tqdm import tqdm
 
 LAUNCHERS = ("local", "slurm")
@@ -61,9 +59,11 @@ class UnitJob:
     cwd: Path = field(default_factory=Path.cwd)
 
 
-class UnitCommand(submitit.helpers.Checkpointable):
+class UnitCommand:
     """Run a UnitJob as a subprocess; returns its exit status. Also the callable that submitit runs in a job.
 
+    submitit requeues a callable that has a checkpoint() method (its helpers.Checkpointable adds nothing else
+    we need, and this module must import without submitit: only --launcher slurm uses it).
     checkpoint() is what submitit calls on preemption or at the time limit: it stops the unit (SIGTERM, so
     the unit keeps what it finished) and resubmits the same unit, which resumes from its records."""
 
@@ -104,6 +104,7 @@ class UnitCommand(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args, **kwargs):
         self.stop()
+        import submitit
         return submitit.helpers.DelayedSubmission(UnitCommand(self.job, self.requeue_grace_s))
 
     def __getstate__(self):
@@ -259,6 +260,10 @@ def slurm_executor(args, folder, cluster="slurm"):
     """An AutoExecutor writing its files under folder/{job id}; cluster="local" or "debug" runs jobs here."""
     if cluster == "slurm" and shutil.which("srun") is None:
         raise user_error("--launcher slurm needs SLURM: srun is not on PATH (run this on the cluster's login node)")
+    try:
+        import submitit
+    except ImportError:
+        raise user_error("--launcher slurm needs submitit: pip install 'submitit>=1.5'") from None
     executor = submitit.AutoExecutor(folder=Path(folder) / "%j", cluster=cluster)
     executor.update_parameters(**slurm_parameters(args))
     return executor
@@ -281,6 +286,7 @@ def importable_here():
 
 def submit_units(executor, jobs):
     """One job per unit, named after it; returns the submitit jobs in the same order."""
+    from submitit.core.utils import FailedSubmissionError, UncompletedJobError
     submitted = []
     with importable_here():
         for job in jobs:
@@ -298,6 +304,7 @@ def submit_units(executor, jobs):
 
 def run_slurm(jobs, executor, poll_s=SLURM_POLL_S):
     """Submit one job per unit and wait for all of them; returns the names of the units that failed."""
+    import submitit
     offsets = {job.name: log_size(job.log) for job in jobs}
     submitted = submit_units(executor, jobs)
     unit_of = {id(s): job for s, job in zip(submitted, jobs, strict=True)}

@@ -184,6 +184,9 @@ def test_slurm_refusals_are_one_line_errors(tmp_path, monkeypatch):
     unit = launch.UnitJob("u", ["true"], tmp_path / "u.log")
     with pytest.raises(common.UserError, match="submitting unit u failed: .*invalid partition specified: nope"):
         launch.submit_units(executor, [unit])
+    monkeypatch.setitem(sys.modules, "submitit", None)  # makes `import submitit` raise ImportError
+    with pytest.raises(common.UserError, match="--launcher slurm needs submitit: pip install"):
+        launch.slurm_executor(parse("--launcher", "slurm"), tmp_path / "slurm")
 
 
 def test_slurm_path_runs_units_through_submitits_local_cluster(tmp_path, monkeypatch, capsys):

@@ -90,10 +90,12 @@ def test_without_torch_pruning_costs_count_params_and_physical_mode_is_one_line(
     assert not (workdir / "model_weights").exists()
 
 
-def test_every_script_imports_without_torch_pruning():
-    """A machine without torch-pruning still runs everything but physical pruning: nothing imports it up front."""
-    code = ("import sys; sys.modules['torch_pruning'] = None; sys.path.insert(0, sys.argv[1]); "
-            "import common, bench, reproduce; print(common.model_cost(common.build_model('vit', 'smoke'))['macs'])")
+def test_every_script_imports_without_torch_pruning_or_submitit():
+    """A machine without torch-pruning (or submitit, which only --launcher slurm needs) still runs everything but
+    physical pruning: nothing imports them up front."""
+    code = ("import sys; sys.modules['torch_pruning'] = sys.modules['submitit'] = None; "
+            "sys.path.insert(0, sys.argv[1]); import common, bench, reproduce, job, sweep, launch, representation; "
+            "print(common.model_cost(common.build_model('vit', 'smoke'))['macs'])")
     done = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "None"
