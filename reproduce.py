@@ -226,7 +226,7 @@ def provenance(runs):
     def code(run):
         version = (run.get("fingerprint") or {}).get("code") or {}
         if not version.get("commit"):
-            return "outside a git checkout"
+            return f"files sha256 {version['sha256'][:10]} (no git checkout)" if version.get("sha256") else "unknown"
         return f"commit {version['commit'][:10]}" + (" with uncommitted changes" if version.get("dirty") else "")
 
     def libraries(run):

@@ -177,16 +177,22 @@ def model_sha256(checkpoint):
 
 @functools.cache
 def code_version():
-    """{"commit", "dirty"} of this checkout (dirty: a Python file outside tests/ or requirements.txt differs from
-    the commit or is untracked); both None outside a git checkout."""
+    """{"commit", "dirty", "sha256"} of the code beside this file. commit and dirty (a Python file outside tests/
+    or requirements.txt differs from the commit or is untracked) come from git, None outside a git checkout (e.g.
+    a copy of the tree sent to a job machine); sha256 hashes those files themselves, so a record made from such a
+    copy still names its code: the commit whose files hash the same."""
     def git(*command):
         return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    digest = hashlib.sha256()
+    for path in sorted([*ROOT.glob("*.py"), ROOT / "requirements.txt"]):
+        if path.is_file():
+            digest.update(f"{path.name}\0".encode() + path.read_bytes() + b"\0")
     try:
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--", "*.py", "requirements.txt", ":(exclude)tests"))
     except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit, "dirty": dirty}
+        commit = dirty = None
+    return {"commit": commit, "dirty": dirty, "sha256": digest.hexdigest()}
 
 
 @functools.cache

@@ -126,7 +126,7 @@ def test_sweep_writes_records_and_tables_then_rebuilds_them_without_checkpoints(
     assert finetune["fingerprint"]["data"]["sha256"] == retrain["fingerprint"]["data"]["sha256"]
     assert original["fingerprint"]["flags"] == ["pretrain.py", "--arch", "resnet50", "--preset", "smoke", "--seed", "0"]
     assert retrain["fingerprint"]["recipe"]["epochs"] == 1 and finetune["fingerprint"]["recipe"]["epochs"] == 1
-    assert {"commit", "dirty"} == set(finetune["fingerprint"]["code"])
+    assert {"commit", "dirty", "sha256"} == set(finetune["fingerprint"]["code"])
     assert original["curve"][-1]["epoch"] == 1 and "test_accuracy" in retrain["curve"][-1]
     assert "curve" not in finetune
     # representation-level metrics, each run against its seed's own original (retrain too)

@@ -128,11 +128,22 @@ def test_sigterm_stops_the_child_process():
     assert started[0].poll() is not None
 
 
-def test_code_version_outside_a_git_checkout(monkeypatch, tmp_path):
+def test_code_version_outside_a_git_checkout_hashes_the_files(monkeypatch, tmp_path):
     monkeypatch.setattr(sweep, "ROOT", tmp_path)
-    sweep.code_version.cache_clear()
+    (tmp_path / "common.py").write_text("A = 1\n")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_a.py").write_text("")
+
+    def version():
+        sweep.code_version.cache_clear()
+        return sweep.code_version()
     try:
-        assert sweep.code_version() == {"commit": None, "dirty": None}
+        first = version()
+        assert (first["commit"], first["dirty"]) == (None, None) and len(first["sha256"]) == 64
+        (tmp_path / "tests" / "test_a.py").write_text("changed")
+        assert version() == first  # tests are not the code that made a record
+        (tmp_path / "common.py").write_text("A = 2\n")
+        assert version()["sha256"] != first["sha256"]
     finally:
         sweep.code_version.cache_clear()
 
