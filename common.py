@@ -1273,14 +1273,17 @@ def check_out_path(args, default):
     return check_writable(Path(args.out) if args.out else default)
 
 
-def preset_recipe(recipe, preset, smoke):
-    """A copy of recipe with the smoke preset's values under --preset smoke."""
-    return dict(recipe, **(smoke if preset == "smoke" else {}))
+def preset_recipe(recipe, preset, from_scratch=False):
+    """A copy of recipe with, under --preset smoke, the smoke preset's epochs (SMOKE's pretrain_epochs for training
+    from scratch) and batch size."""
+    if preset != "smoke":
+        return dict(recipe)
+    return dict(recipe, epochs=SMOKE["pretrain_epochs" if from_scratch else "epochs"], batch_size=SMOKE["batch_size"])
 
 
-def with_overrides(recipe, args, smoke):
+def with_overrides(recipe, args, from_scratch=False):
     """A copy of recipe with the smoke preset's values (under --preset smoke) and --epochs/--lr/--batch-size."""
-    recipe = preset_recipe(recipe, args.preset, smoke)
+    recipe = preset_recipe(recipe, args.preset, from_scratch)
     recipe.update({k: getattr(args, k) for k in ("epochs", "lr", "batch_size") if getattr(args, k) is not None})
     return recipe
 
@@ -1357,8 +1360,7 @@ def run_method(method, unlearn, doc, argv=None, add_arguments=None, fit=train_on
             add_arguments(parser)
         args = parser.parse_args(argv)
         args.method = method
-        recipe = preset_recipe(getattr(args, "recipe", PAPER_RECIPE), args.preset,
-                               {"epochs": SMOKE["epochs"], "batch_size": SMOKE["batch_size"]})
+        recipe = preset_recipe(getattr(args, "recipe", PAPER_RECIPE), args.preset)
         with deterministic_mode(args.deterministic):
             return unlearn_and_save(args, unlearn, fit, name_settings(parser, args, recipe))
     return cli(main, argv)
@@ -1383,8 +1385,7 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain, settings=None):
     data = load_cifar10(args.data, device, args.preset)
     splits = make_splits(data.train_labels, data.test_labels, spec)
     check_splits(splits, spec, args.data)
-    recipe = with_overrides(getattr(args, "recipe", PAPER_RECIPE), args,
-                            {"epochs": SMOKE["epochs"], "batch_size": SMOKE["batch_size"]})
+    recipe = with_overrides(getattr(args, "recipe", PAPER_RECIPE), args)
     ctx = Context(args, data, splits, spec, device, recipe["epochs"], recipe["lr"], recipe["batch_size"])
     if getattr(args, "needs_original", False):
         ctx.original = copy.deepcopy(model)
@@ -1461,9 +1462,8 @@ def run_from_scratch(method, doc, argv=None):
         spec = (forget_spec_from_args(args) or ForgetSpec()) if method == "retrain" else None
         if method != "retrain" and forget_spec_from_args(args) is not None:
             raise UserError("pretrain.py trains on every training image; forget flags belong to retrain.py")
-        smoke = {"epochs": SMOKE["pretrain_epochs"], "batch_size": SMOKE["batch_size"]}
         settings = name_settings(parser, args, {**PRETRAIN_OPTIONS, **preset_recipe(PRETRAIN_RECIPES[args.arch],
-                                                                                    args.preset, smoke)})
+                                                                                    args.preset, from_scratch=True)})
         out = check_out_path(args, weights_path(args.arch, method, args.preset, spec, settings=settings))
         with deterministic_mode(args.deterministic):
             device = torch.device(args.device)
@@ -1475,7 +1475,7 @@ def run_from_scratch(method, doc, argv=None):
                 idx, test_idx = splits.retain_idx, splits.test_idx
             else:
                 idx, test_idx = torch.arange(len(data.train_labels), device=device), all_test
-            recipe = {**PRETRAIN_OPTIONS, **with_overrides(PRETRAIN_RECIPES[args.arch], args, smoke)}
+            recipe = {**PRETRAIN_OPTIONS, **with_overrides(PRETRAIN_RECIPES[args.arch], args, from_scratch=True)}
             recipe.update({key: getattr(args, key) for key in ("mixup_alpha", "cutmix_alpha", "compile")
                            if getattr(args, key) is not None})
             seed_everything(args.seed)

@@ -24,7 +24,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -208,11 +207,8 @@ def script_recipe(script):
 def recipe(run, preset):
     """The training recipe the run's script resolves for the sweep's flags: the pretraining recipe, or the method
     script's own, with the preset's overrides."""
-    flags = SimpleNamespace(preset=preset, epochs=None, lr=None, batch_size=None)
-    smoke = {"epochs": common.SMOKE["pretrain_epochs" if run.from_scratch else "epochs"],
-             "batch_size": common.SMOKE["batch_size"]}
     base = common.PRETRAIN_RECIPES[run.arch] if run.from_scratch else script_recipe(run.script)
-    return common.with_overrides(base, flags, smoke)
+    return common.preset_recipe(base, preset, run.from_scratch)
 
 
 def fingerprint(run, preset, data_hash, data_label, device, original_hash=None):
