@@ -97,7 +97,8 @@ _written = []  # files this command has written so far, for the message after an
 _cli_depth = 0
 
 
-def _raise_terminated(signum, frame):
+def raise_terminated(signum, frame):
+    """SIGTERM handler: raise Terminated."""
     raise Terminated
 
 
@@ -111,7 +112,7 @@ def cli(main, argv=None):
     if outermost:
         _written.clear()
         with contextlib.suppress(ValueError):  # only the main thread may install signal handlers
-            previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+            previous_handler = signal.signal(signal.SIGTERM, raise_terminated)
     _cli_depth += 1
     try:
         return main(argv)

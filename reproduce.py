@@ -524,11 +524,11 @@ def interruptible(work, kept):
 
     kept: the list of records written so far by this call."""
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, sweep.raise_interrupted) if in_main_thread else None
+    previous = signal.signal(signal.SIGTERM, common.raise_terminated) if in_main_thread else None
     try:
         return work()
-    except (KeyboardInterrupt, sweep.Interrupted) as stop:
-        signum = getattr(stop, "signum", signal.SIGINT)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as common.Terminated
+        signum = signal.SIGTERM if isinstance(stop, common.Terminated) else signal.SIGINT
         print(f"interrupted by {signal.Signals(signum).name}: the running step was stopped and left no record; "
               f"kept the {len(kept)} record(s) this call finished and every earlier one; the same command resumes",
               file=sys.stderr)

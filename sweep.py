@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -52,18 +51,6 @@ BENCH_SAFETY_FACTOR = 1.25
 RUN_START_SECONDS = 10
 OUTPUT_TAIL_LINES = 25
 CHILD_EXIT_WAIT_S = 10
-
-
-class Interrupted(BaseException):
-    """SIGTERM arrived (a job's time limit, a cluster's preemption): handled like Ctrl-C."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def raise_interrupted(signum, frame):
-    raise Interrupted(signum)
 
 
 # ------------------------------------------------------------------------------------------ units

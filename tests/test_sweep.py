@@ -112,13 +112,13 @@ def test_sigterm_stops_the_child_process():
         started.append(real_popen(*args, **kwargs))
         return started[-1]
 
-    previous = signal.signal(signal.SIGTERM, sweep.raise_interrupted)
+    previous = signal.signal(signal.SIGTERM, common.raise_terminated)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
     try:
         sweep.subprocess.Popen = popen
         timer.start()
         begin = time.monotonic()
-        with pytest.raises(sweep.Interrupted):
+        with pytest.raises(common.Terminated):
             sweep.run_child([sys.executable, "-c", "import time; time.sleep(60)"])
     finally:
         sweep.subprocess.Popen = real_popen
