@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import common
+import sweep
 
 ROOT = Path(__file__).resolve().parent
 BENCH = [sys.executable, str(ROOT / "bench.py")]
@@ -284,21 +285,13 @@ def slug(text):
 
 
 def bench_records(device, preset):
-    """{path: whether complete} of the bench/**/results.json files measured on device with preset."""
-    found = {}
-    for path in sorted(Path("bench").glob("**/results.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if record.get("device") == device and record.get("preset") == preset:
-            found[path] = record.get("complete", True)
-    return found
+    """{path: whether complete} of the bench records measured on device with preset (sweep.bench_records)."""
+    return {path: record.get("complete", True) for path, record in sweep.bench_records(device, preset).items()}
 
 
 def bench_command(args, device, preset):
     command = [*BENCH, "--preset", preset, "--data", args.data, "--epochs", 1,
-               "--out", Path("bench") / f"{slug(device)}-{preset}"]
+               "--out", sweep.BENCH_DIR / f"{slug(device)}-{preset}"]
     return command + (["--data-label", args.data_label] if args.data_label else [])
 
 

@@ -238,16 +238,32 @@ def all_records():
     return {path: read_record(path) for path in sorted(RUNS_DIR.glob("*.json"))}
 
 
-def bench_speeds(device, preset):
-    """{(arch, task, method): images/s} of the project-loop rows of every bench record (BENCH_DIR/**/results.json)
-    measured on device with preset, the slowest where rows repeat; method is None but for task "unlearn". A
-    record that cannot be read as one is skipped with a one-line warning."""
-    speeds = {}
+def bench_records(device, preset):
+    """{path: record} of the bench records (BENCH_DIR/**/results.json) measured on device with preset. A record that
+    cannot be read as one is skipped with a one-line warning."""
+    found = {}
     for path in sorted(BENCH_DIR.glob("**/results.json")):
         try:
             record = json.loads(path.read_text())
-            if (record["device"], record["preset"]) != (device, preset):
-                continue
+            if (record["device"], record["preset"]) == (device, preset):
+                found[path] = record
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            warn_bench_record_skipped(path, error)
+    return found
+
+
+def warn_bench_record_skipped(path, error):
+    print(f"warning: bench record {path} skipped: not readable as one ({type(error).__name__}: {error})",
+          file=sys.stderr)
+
+
+def bench_speeds(device, preset):
+    """{(arch, task, method): images/s} of the project-loop rows of every bench record measured on device with
+    preset (bench_records), the slowest where rows repeat; method is None but for task "unlearn". A record whose
+    rows cannot be read is skipped with a one-line warning."""
+    speeds = {}
+    for path, record in bench_records(device, preset).items():
+        try:
             found = {}
             for row in record["rows"]:
                 speed = float(row["images_per_s"])
@@ -256,9 +272,8 @@ def bench_speeds(device, preset):
                 key = (row["arch"], row["task"], row.get("method"))
                 if row["style"] == "project":
                     found[key] = min(speed, found.get(key, speed))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            print(f"warning: bench record {path} skipped: not readable as one ({type(error).__name__}: {error})",
-                  file=sys.stderr)
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            warn_bench_record_skipped(path, error)
             continue
         for key, speed in found.items():
             speeds[key] = min(speed, speeds.get(key, speed))
