@@ -743,7 +743,6 @@ def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, 
     bad_step = torch.full((), -1, dtype=torch.int64, device=device)
     bad_loss = torch.zeros((), device=device)
     for epoch in range(1, epochs + 1):
-        step = 0
         for step, (inputs, labels) in enumerate(tqdm(batches, desc=f"{desc} epoch {epoch}/{epochs}", leave=False,
                                                      disable=None), start=1):
             with autocast(device):
