@@ -11,7 +11,7 @@
 
 Without a GPU and without --preset it runs the smoke preset with seed 0 only, so a CPU check takes minutes.
 
-The sweep is a list of independent units (sweep.py), per arch and seed: "methods" pretrains that seed's own
+The sweep is a list of independent units (common/sweep.py), per arch and seed: "methods" pretrains that seed's own
 original model, then runs each method of --methods from it; "retrain" retrains from scratch. Each step runs
 in its own process, so that its RTE and peak GPU memory are its own, and is evaluated here; its metrics, timing
 and a fingerprint of what produced it (data, original model, recipe, flags, code, device, libraries) go to
@@ -35,9 +35,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 import common
-import launch
-import representation
-import sweep
+from common import launch, representation, sweep
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_METHODS = ("finetune", "pruneft", "lora", "loraprune")
@@ -49,7 +47,7 @@ STAT_KEYS = ("UA", "MIA_efficacy", "RA", "TA", "avg_gap", "RTE_s", "peak_gpu_mem
 TABLE_COLUMNS = {"method": "method", "n": "runs", "UA": "UA %", "MIA_efficacy": "MIA-efficacy %", "RA": "RA %",
                  "TA": "TA %", "avg_gap": "avg. gap ↓", "RTE_s": "RTE s", "peak_gpu_mem_mb": "peak GPU MB"}
 DIGITS = {"RTE_s": 1, "peak_gpu_mem_mb": 0, "relearn_steps": 0}
-# Representation-level metrics (representation.py), in the tables when the records hold them.
+# Representation-level metrics (common/representation.py), in the tables when the records hold them.
 REPRESENTATION_COLUMNS = {key: header for table in representation.COLUMNS.values() for key, header in table.items()}
 PANELS = {"UA": "UA: unlearning accuracy (%)", "MIA_efficacy": "MIA-efficacy (%)", "RA": "RA: retain accuracy (%)",
           "TA": "TA: test accuracy (%)", "RTE_s": "RTE: run time of the step (s)",

@@ -1,5 +1,6 @@
 """Bad input across the scripts, one row per case: the exit status, one line on stderr, no traceback, and every
 existing file left exactly as it was (nothing written, nothing removed)."""
+import argparse
 import hashlib
 import os
 import pickle
@@ -192,7 +193,7 @@ def test_ranges_are_exact_at_their_bounds():
     for parse, text in [(common.open_unit_interval, "0"), (common.open_unit_interval, "1"),
                         (common.unit_interval_open_above, "1"), (common.seed_int, str(2**32)),
                         (common.positive_float, "-inf"), (common.nonnegative_float, "-1e-9")]:
-        with pytest.raises(common.argparse.ArgumentTypeError):
+        with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
 
 

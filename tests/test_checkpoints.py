@@ -26,7 +26,7 @@ def test_failed_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(common.torch, "save", interrupted)
+    monkeypatch.setattr(torch, "save", interrupted)
     with pytest.raises(KeyboardInterrupt):
         common.save_checkpoint(path, common.build_model("vit", "smoke"), {"arch": "vit", "preset": "smoke"})
     assert path.read_bytes() == before

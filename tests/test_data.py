@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torchvision
 from conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, write_synthetic_cifar
 
 import common
@@ -31,7 +32,7 @@ def test_smoke_preset_keeps_first_images_of_each_class(tmp_path):
 def test_missing_data_is_a_user_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("no network")
-    monkeypatch.setattr(common.torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     with pytest.raises(common.UserError, match="CIFAR-10 not found"):
         common.load_cifar10(tmp_path, "cpu")
 

@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 from conftest import run_script
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 import common
@@ -27,7 +28,7 @@ def test_resnet_defaults_target_every_bottleneck_conv():
     assert (settings.rank, settings.alpha, settings.dropout, settings.train_full) == (8, 16, 0.1, ["fc"])
     adapted = common.add_lora(model, settings, torch.zeros(2, 3, 32, 32))
     names = {name.removeprefix("base_model.model.") for name, m in adapted.named_modules()
-             if isinstance(m, common.LoraLayer)}
+             if isinstance(m, LoraLayer)}
     expected = {f"layer{i}.0.conv{j}" for i in range(1, 5) for j in range(1, 4)}
     assert names == expected
 
@@ -38,7 +39,7 @@ def test_vit_defaults_target_last_attention_projection_and_head():
     assert (settings.rank, settings.alpha) == (16, 32)
     adapted = common.add_lora(model, settings, torch.zeros(2, 3, 32, 32))
     names = {name.removeprefix("base_model.model.") for name, m in adapted.named_modules()
-             if isinstance(m, common.LoraLayer)}
+             if isinstance(m, LoraLayer)}
     assert names == {f"blocks.{len(model.blocks) - 1}.attn.proj", "head"}
 
 
@@ -75,7 +76,7 @@ def test_merged_model_reproduces_adapted_outputs(arch, pruned, cifar_dir):
         expected = adapted(inputs)
     merged = common.finalize(adapted)
     assert type(merged) is type(common.build_model(arch, "smoke"))
-    assert not any(isinstance(m, common.LoraLayer) for m in merged.modules())
+    assert not any(isinstance(m, LoraLayer) for m in merged.modules())
     merged.eval()
     with torch.no_grad():
         assert torch.allclose(merged(inputs), expected, atol=1e-4)

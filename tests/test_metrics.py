@@ -74,12 +74,12 @@ def test_mia_efficacy_separates_member_like_from_non_member_like_forget_sets():
 def test_mia_efficacy_balances_members_and_non_members(monkeypatch):
     fitted = {}
 
-    class RecordingSVC(common.SVC):
+    class RecordingSVC(common.metrics.SVC):
         def fit(self, features, labels):
             fitted["counts"] = np.bincount(labels.astype(int)).tolist()
             return super().fit(features, labels)
 
-    monkeypatch.setattr(common, "SVC", RecordingSVC)
+    monkeypatch.setattr(common.metrics, "SVC", RecordingSVC)
     common.mia_efficacy(np.linspace(0.5, 1, 900), np.linspace(0, 0.5, 120), np.ones(10), max_samples=100)
     assert fitted["counts"] == [100, 100]
 
@@ -98,9 +98,9 @@ def test_predict_runs_in_fp32_even_where_training_uses_bf16_autocast(data, monke
             return logits
 
     # Make training's autocast active on this CPU, as it is on a GPU: predict must not enter it.
-    monkeypatch.setattr(common, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(common.training, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     model = MeanColourLinear()
-    with common.autocast("cpu"):
+    with common.training.autocast("cpu"):
         model(common.normalize(data.test_images[:2]))
     assert seen == [(True, torch.bfloat16)]  # the patch is in force
     seen.clear()

@@ -94,7 +94,8 @@ def test_every_script_imports_without_torch_pruning_or_submitit():
     """A machine without torch-pruning (or submitit, which only --launcher slurm needs) still runs everything but
     physical pruning: nothing imports them up front."""
     code = ("import sys; sys.modules['torch_pruning'] = sys.modules['submitit'] = None; "
-            "sys.path.insert(0, sys.argv[1]); import common, bench, reproduce, job, sweep, launch, representation; "
+            "sys.path.insert(0, sys.argv[1]); import common, bench, reproduce; "
+            "from common import launch, representation, sweep; "
             "print(common.model_cost(common.build_model('vit', 'smoke'))['macs'])")
     done = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -17,7 +17,7 @@ from matplotlib.text import Text
 
 import common
 import reproduce
-import sweep
+from common import sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_PRETRAIN_EPOCHS = common.SMOKE["pretrain_epochs"]

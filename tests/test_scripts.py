@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+import torchvision
 from conftest import ROOT, run_script
 
 import common
@@ -60,7 +61,7 @@ def test_missing_weights_name_the_pretrain_command(cifar_dir, workdir, capsys):
 def test_missing_data_is_one_line(workdir, capsys, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("no network")
-    monkeypatch.setattr(common.torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     assert run_script("pretrain.py", "--preset", "smoke", "--data", workdir / "nothing") == 1
     assert "CIFAR-10 not found" in one_line_error(capsys)
 

@@ -10,10 +10,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, run_script
 
 import common
-import sweep
+from common import sweep
 
 SMOKE = ["--preset", "smoke", "--arch", "resnet50", "--seeds", "0", "--device", "cpu"]
 
@@ -130,7 +131,8 @@ def test_sigterm_stops_the_child_process():
 
 def test_code_version_outside_a_git_checkout_hashes_the_files(monkeypatch, tmp_path):
     monkeypatch.setattr(sweep, "ROOT", tmp_path)
-    (tmp_path / "common.py").write_text("A = 1\n")
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "data.py").write_text("A = 1\n")
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "test_a.py").write_text("")
 
@@ -142,25 +144,25 @@ def test_code_version_outside_a_git_checkout_hashes_the_files(monkeypatch, tmp_p
         assert (first["commit"], first["dirty"]) == (None, None) and len(first["sha256"]) == 64
         (tmp_path / "tests" / "test_a.py").write_text("changed")
         assert version() == first  # tests are not the code that made a record
-        (tmp_path / "common.py").write_text("A = 2\n")
+        (tmp_path / "common" / "data.py").write_text("A = 2\n")
         assert version()["sha256"] != first["sha256"]
     finally:
         sweep.code_version.cache_clear()
 
 
 def test_data_and_model_hashes_follow_the_content(tmp_path):
-    data = common.CIFAR10(*(common.torch.zeros(4, 3, 2, 2, dtype=common.torch.uint8),
-                            common.torch.arange(4), common.torch.zeros(2, 3, 2, 2, dtype=common.torch.uint8),
-                            common.torch.arange(2)))
+    data = common.CIFAR10(*(torch.zeros(4, 3, 2, 2, dtype=torch.uint8),
+                            torch.arange(4), torch.zeros(2, 3, 2, 2, dtype=torch.uint8),
+                            torch.arange(2)))
     before = sweep.data_sha256(data)
     data.train_images[0, 0, 0, 0] = 1
     assert sweep.data_sha256(data) != before
 
-    model = common.torch.nn.Linear(2, 2)
+    model = torch.nn.Linear(2, 2)
     common.save_checkpoint(tmp_path / "a.pth", model, {"created": "then"})
     common.save_checkpoint(tmp_path / "b.pth", model, {"created": "now"})
     assert sweep.model_sha256(tmp_path / "a.pth") == sweep.model_sha256(tmp_path / "b.pth")
-    with common.torch.no_grad():
+    with torch.no_grad():
         model.bias[0] += 1
     common.save_checkpoint(tmp_path / "b.pth", model, {"created": "now"})
     assert sweep.model_sha256(tmp_path / "a.pth") != sweep.model_sha256(tmp_path / "b.pth")
@@ -183,10 +185,10 @@ def bench_record(path, device="cpu", preset="smoke", rows=None):
 def estimate_plan(preset="smoke", train_images=300, test_images=100):
     """A Sweep on cpu whose data has train_images and test_images (only their counts matter to estimates)."""
     args = SimpleNamespace(preset=preset, data="data", device="cpu", data_label="CIFAR-10", force=False)
-    data = common.CIFAR10(common.torch.zeros(train_images, 3, 32, 32, dtype=common.torch.uint8),
-                          common.torch.zeros(train_images, dtype=common.torch.long),
-                          common.torch.zeros(test_images, 3, 32, 32, dtype=common.torch.uint8),
-                          common.torch.zeros(test_images, dtype=common.torch.long))
+    data = common.CIFAR10(torch.zeros(train_images, 3, 32, 32, dtype=torch.uint8),
+                          torch.zeros(train_images, dtype=torch.long),
+                          torch.zeros(test_images, 3, 32, 32, dtype=torch.uint8),
+                          torch.zeros(test_images, dtype=torch.long))
     plan = sweep.Sweep(args, common.ForgetSpec(), "data-hash", {("data", preset): data})
     return plan, {method: sweep.make_run("resnet50", method, 0, args, common.ForgetSpec())
                   for method in ("original", "retrain", "finetune", "lora", "ga")}

@@ -37,7 +37,7 @@ def test_warm_up_does_not_change_a_run(original_weights, cifar_dir, workdir, mon
     flags = ["--preset", "smoke", "--data", cifar_dir, "--device", "cpu", "--weights", original_weights("resnet50")]
     assert run_script("lora.py", *flags, "--out", workdir / "warm.pth") == 0
     warm_ups = []
-    monkeypatch.setattr(common, "warm_up", lambda *args: warm_ups.append(args))
+    monkeypatch.setattr(common.measure, "warm_up", lambda *args: warm_ups.append(args))
     assert run_script("lora.py", *flags, "--out", workdir / "cold.pth") == 0
     assert len(warm_ups) == 1
     warm, cold = (torch.load(workdir / f"{name}.pth", weights_only=True)["model"] for name in ("warm", "cold"))

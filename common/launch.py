@@ -37,6 +37,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .errors import UserError
+
 LAUNCHERS = ("local", "slurm")
 LOG_TAIL_LINES = 20
 STOP_GRACE_S = 60  # a stopped unit gets this long to finish writing; SLURM signals 90 s before the time limit
@@ -133,11 +135,6 @@ def report_failure(job, offset, reason):
     tqdm.write(f"error: unit {job.name} failed: {reason}; full log: {job.log}", file=sys.stderr)
 
 
-def user_error(message):
-    # imported here: SLURM jobs import this module, and common's imports take seconds
-    import common
-    return common.UserError(message)
-
 
 # ----------------------------------------------------------------------------------------------- local
 
@@ -155,18 +152,18 @@ def worker_devices(args):
     """One entry per worker: the GPU it sees (a CUDA_VISIBLE_DEVICES value), or None for a CPU worker."""
     device = str(getattr(args, "device", "") or "")
     if args.gpus and device == "cpu":
-        raise user_error("--gpus with --device cpu: leave out --gpus to run CPU workers")
+        raise UserError("--gpus with --device cpu: leave out --gpus to run CPU workers")
     gpus = args.gpus if args.gpus is not None else ([] if device == "cpu" else visible_gpus())
     if not gpus:
         if args.workers_per_gpu is not None:
-            raise user_error("--workers-per-gpu needs GPUs; no GPU is visible (use --workers on CPU)")
+            raise UserError("--workers-per-gpu needs GPUs; no GPU is visible (use --workers on CPU)")
         return [None] * (args.workers or 1)
     if device.startswith("cuda:") and device != "cuda:0":
-        raise user_error(f"--device {device} with --launcher local: choose GPUs with --gpus; "
+        raise UserError(f"--device {device} with --launcher local: choose GPUs with --gpus; "
                          "each worker sees its GPU as cuda")
     per_gpu = args.workers_per_gpu or 1
     if args.workers is not None and args.workers_per_gpu is not None and args.workers != per_gpu * len(gpus):
-        raise user_error(f"--workers {args.workers} and --workers-per-gpu {per_gpu} disagree for "
+        raise UserError(f"--workers {args.workers} and --workers-per-gpu {per_gpu} disagree for "
                          f"{len(gpus)} GPUs; give one of them")
     return [gpus[i % len(gpus)] for i in range(args.workers or per_gpu * len(gpus))]
 
@@ -241,7 +238,7 @@ def run_local(jobs, devices):
             stopped = list(running)
             for command in stopped:
                 command.stop()
-            raise user_error(f"interrupted: stopped {len(stopped)} running units ({len(failed)} had failed); "
+            raise UserError(f"interrupted: stopped {len(stopped)} running units ({len(failed)} had failed); "
                              "their finished work is kept, and the same command resumes them") from None
     return failed
 
@@ -259,11 +256,11 @@ def slurm_parameters(args):
 def slurm_executor(args, folder, cluster="slurm"):
     """An AutoExecutor writing its files under folder/{job id}; cluster="local" or "debug" runs jobs here."""
     if cluster == "slurm" and shutil.which("srun") is None:
-        raise user_error("--launcher slurm needs SLURM: srun is not on PATH (run this on the cluster's login node)")
+        raise UserError("--launcher slurm needs SLURM: srun is not on PATH (run this on the cluster's login node)")
     try:
         import submitit
     except ImportError:
-        raise user_error("--launcher slurm needs submitit: pip install 'submitit>=1.5'") from None
+        raise UserError("--launcher slurm needs submitit: pip install 'submitit>=1.5'") from None
     executor = submitit.AutoExecutor(folder=Path(folder) / "%j", cluster=cluster)
     executor.update_parameters(**slurm_parameters(args))
     return executor
@@ -273,7 +270,7 @@ def slurm_executor(args, folder, cluster="slurm"):
 def importable_here():
     """Jobs unpickle UnitCommand from this module: let them import it whatever their working directory."""
     previous = os.environ.get("PYTHONPATH")
-    here = str(Path(__file__).resolve().parent)
+    here = str(Path(__file__).resolve().parent.parent)  # the folder that holds the common package
     os.environ["PYTHONPATH"] = here if not previous else f"{here}{os.pathsep}{previous}"
     try:
         yield
@@ -297,7 +294,7 @@ def submit_units(executor, jobs):
                 lines = [line for line in str(error).splitlines() if line.strip()]
                 already = (f"; the {len(submitted)} jobs submitted before it keep running: "
                            f"{' '.join(s.job_id for s in submitted)}") if submitted else ""
-                raise user_error(f"submitting unit {job.name} failed: {lines[-1] if lines else error}"
+                raise UserError(f"submitting unit {job.name} failed: {lines[-1] if lines else error}"
                                  f"{already}") from None
     return submitted
 
@@ -330,7 +327,7 @@ def run_slurm(jobs, executor, poll_s=SLURM_POLL_S):
                 bar.set_postfix_str(f"{len(failed)} failed" if failed else "")
         except KeyboardInterrupt:
             waiting = [s.job_id for s in submitted if id(s) not in finished]
-            raise user_error(f"stopped waiting: {len(waiting)} jobs keep running on the cluster "
+            raise UserError(f"stopped waiting: {len(waiting)} jobs keep running on the cluster "
                              f"({' '.join(waiting)}); scancel stops them") from None
     return failed
 

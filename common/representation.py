@@ -17,14 +17,22 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-import common
+from . import evaluation
+from .arguments import number, open_unit_interval
+from .checkpoints import load_checkpoint, weights_path
+from .data import Batches, normalize
+from .errors import UserError
+from .metrics import accuracy, predict
+from .models import to_device
+from .settings import EVAL_BATCH_SIZE, NUM_CLASSES, PAPER_RECIPE
+from .training import make_adam, seed_everything, train
 
 PROBE_PER_CLASS = 500      # training images per class the probe is fitted on (a seeded sample)
 PROBE_CHECK_PER_CLASS = 100  # test images per retained class for Probe-TA, the check that the probe works
 PROBE_MAX_ITER = 1000
 CKA_SAMPLES = 1000         # forget and retain images compared with the original (each a seeded sample)
 RELEARN = {"fraction": 0.01, "max_steps": 500, "eval_every": 5, "eval_samples": 1000, "tolerance": 5.0,
-           "lr": common.PAPER_RECIPE["lr"], "batch_size": common.PAPER_RECIPE["batch_size"]}
+           "lr": PAPER_RECIPE["lr"], "batch_size": PAPER_RECIPE["batch_size"]}
 COLUMNS = {"probe": {"probe_UA": "Probe-UA %"},
            "cka": {"CKA_forget": "CKA forget", "CKA_retain": "CKA retain"},
            "relearn": {"relearn_steps": "relearn steps"}}
@@ -38,7 +46,7 @@ def classifier(model):
 
 
 @torch.no_grad()
-def penultimate_features(model, images, idx, batch_size=common.EVAL_BATCH_SIZE):
+def penultimate_features(model, images, idx, batch_size=EVAL_BATCH_SIZE):
     """fp32 inputs of the classifier for images[idx], [len(idx), width], on the model's device.
 
     ResNet: after global pooling; ViT: after the final norm and pooling (timm's forward_head(pre_logits=True)).
@@ -49,7 +57,7 @@ def penultimate_features(model, images, idx, batch_size=common.EVAL_BATCH_SIZE):
     hook = head.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].float()))
     try:
         for start in range(0, len(idx), batch_size):
-            model(common.normalize(images[idx[start:start + batch_size]]))
+            model(normalize(images[idx[start:start + batch_size]]))
     finally:
         hook.remove()
     device = next(model.parameters()).device
@@ -66,8 +74,8 @@ def seeded_sample(idx, k, seed):
 
 def per_class_sample(labels, idx, k, seed):
     """Up to k entries of idx per class, each class drawn with its own seed."""
-    return torch.cat([seeded_sample(idx[labels[idx] == c], k, seed * common.NUM_CLASSES + c)
-                      for c in range(common.NUM_CLASSES)])
+    return torch.cat([seeded_sample(idx[labels[idx] == c], k, seed * NUM_CLASSES + c)
+                      for c in range(NUM_CLASSES)])
 
 
 # ---------------------------------------------------------------------------------------- linear probe
@@ -105,7 +113,7 @@ def probe_ua(model, data, splits, spec, seed=0, per_class=PROBE_PER_CLASS):
     else:
         fit_idx = per_class_sample(train_labels, splits.retain_idx, per_class, seed)
         score_images, score_labels = train_images, train_labels
-        score_idx = seeded_sample(splits.forget_idx, per_class * common.NUM_CLASSES, seed)
+        score_idx = seeded_sample(splits.forget_idx, per_class * NUM_CLASSES, seed)
     probe = fit_probe(penultimate_features(model, train_images, fit_idx), train_labels[fit_idx], seed)
     forget_accuracy = probe_accuracy(probe, penultimate_features(model, score_images, score_idx),
                                      score_labels[score_idx])
@@ -147,7 +155,7 @@ def feature_similarity(model, original, data, splits, seed=0, samples=CKA_SAMPLE
 # --------------------------------------------------------------------------------------- relearn time
 
 def forget_accuracy(model, data, idx):
-    return common.accuracy(common.predict(model, data.train_images, idx), data.train_labels[idx])
+    return accuracy(predict(model, data.train_images, idx), data.train_labels[idx])
 
 
 def relearn_time(model, original, data, splits, seed=0, fraction=RELEARN["fraction"],
@@ -169,20 +177,20 @@ def relearn_time(model, original, data, splits, seed=0, fraction=RELEARN["fracti
                 "relearn_note": "no forget image left to measure after taking the relearn sample"}
     sample = torch.cat([forget[order[:relearn_count]], seeded_sample(splits.retain_idx, relearn_count, seed)])
     target = forget_accuracy(original, data, held_out) - RELEARN["tolerance"]
-    common.seed_everything(seed)
+    seed_everything(seed)
     model = copy.deepcopy(model).requires_grad_(True)
-    batches = common.Batches(data.train_images, data.train_labels, sample, min(RELEARN["batch_size"], len(sample)),
-                             seed=seed)
+    batches = Batches(data.train_images, data.train_labels, sample, min(RELEARN["batch_size"], len(sample)),
+                      seed=seed)
     stream = itertools.chain.from_iterable(itertools.repeat(batches))  # each pass over the sample reshuffles
-    optimizer = common.make_adam(model.parameters(), RELEARN["lr"])
-    steps, accuracy = 0, forget_accuracy(model, data, held_out)
-    while accuracy < target and steps < max_steps:
+    optimizer = make_adam(model.parameters(), RELEARN["lr"])
+    steps, relearned = 0, forget_accuracy(model, data, held_out)
+    while relearned < target and steps < max_steps:
         chunk = min(eval_every, max_steps - steps)
-        common.train(model, list(itertools.islice(stream, chunk)), 1, optimizer=optimizer,
-                     desc=f"relearn step {steps}")
+        train(model, list(itertools.islice(stream, chunk)), 1, optimizer=optimizer,
+              desc=f"relearn step {steps}")
         steps += chunk
-        accuracy = forget_accuracy(model, data, held_out)
-    reached = accuracy >= target
+        relearned = forget_accuracy(model, data, held_out)
+    reached = relearned >= target
     return {**result, "relearn_steps": steps if reached else None, "relearn_reached": reached,
             "relearn_target": target}
 
@@ -201,8 +209,8 @@ def find_original(path, meta, originals=(), cache=None, device="cpu"):
     def load(candidate):
         key = ("original model", str(candidate), str(device))
         if key not in cache:
-            model, original_meta = common.load_checkpoint(candidate, device)
-            cache[key] = common.to_device(model, device), original_meta
+            model, original_meta = load_checkpoint(candidate, device)
+            cache[key] = to_device(model, device), original_meta
         return cache[key]
 
     candidates = [(Path(p), "--original") for p in originals]
@@ -210,7 +218,7 @@ def find_original(path, meta, originals=(), cache=None, device="cpu"):
         candidates.append((Path(meta["source_weights"]), "checkpoint meta source_weights"))
     if meta.get("method") == "original":
         candidates.append((Path(path), "the checkpoint itself"))
-    candidates.append((common.weights_path(arch, "original", preset), "default path"))
+    candidates.append((weights_path(arch, "original", preset), "default path"))
     for candidate, how in candidates:
         if candidate.is_file():
             model, original_meta = load(candidate)
@@ -240,7 +248,7 @@ def representation_metrics(model, original, data, splits, spec, seed=0, probe=Fa
 def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cache=None, probe=False, cka=False,
                         relearn=False, originals=(), relearn_fraction=RELEARN["fraction"],
                         relearn_max_steps=RELEARN["max_steps"]):
-    """common.evaluate_checkpoint's row plus the asked-for representation metrics (and, for CKA and relearn,
+    """evaluate_checkpoint's row plus the asked-for representation metrics (and, for CKA and relearn,
     original_weights / original_from: where the original model came from). data_cache also keeps the
     loaded original models between calls."""
     cache = {} if data_cache is None else data_cache
@@ -252,7 +260,7 @@ def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cach
         return {**representation_metrics(model, original, data, splits, spec, seed, probe, cka, relearn,
                                           relearn_fraction, relearn_max_steps), **source}
 
-    return common.evaluate_checkpoint(path, data_root, device, spec, seed, cache, extra_metrics=extra_metrics)
+    return evaluation.evaluate_checkpoint(path, data_root, device, spec, seed, cache, extra_metrics=extra_metrics)
 
 
 def columns(probe=False, cka=False, relearn=False):
@@ -284,9 +292,9 @@ def add_arguments(parser):
     parser.add_argument("--original", action="append", default=[], metavar="PATH",
                         help="original model for --cka/--relearn; repeat once per arch (default: the checkpoint's "
                              "source weights, else model_weights/{arch}_original.pth)")
-    parser.add_argument("--relearn-fraction", type=common.open_unit_interval, default=RELEARN["fraction"],
+    parser.add_argument("--relearn-fraction", type=open_unit_interval, default=RELEARN["fraction"],
                         metavar="F", help=f"share of the forget set relearned from (default: {RELEARN['fraction']})")
-    parser.add_argument("--relearn-max-steps", type=common.number(int, 1, 10**6), default=RELEARN["max_steps"],
+    parser.add_argument("--relearn-max-steps", type=number(int, 1, 10**6), default=RELEARN["max_steps"],
                         metavar="N", help=f"give up relearning after N steps (default: {RELEARN['max_steps']})")
 
 
@@ -294,6 +302,6 @@ def options_from_args(args):
     """evaluate_checkpoint's keyword arguments from add_arguments' flags; refuses a missing --original."""
     for path in args.original:
         if not Path(path).is_file():
-            raise common.UserError(f"--original {path}: no checkpoint there")
+            raise UserError(f"--original {path}: no checkpoint there")
     return {"probe": args.probe, "cka": args.cka, "relearn": args.relearn, "originals": tuple(args.original),
             "relearn_fraction": args.relearn_fraction, "relearn_max_steps": args.relearn_max_steps}

@@ -26,12 +26,15 @@ from pathlib import Path
 
 import torch
 
-import common
-import representation
+from . import representation
+from .checkpoints import device_name, library_versions, weights_path
+from .errors import UserError
+from .files import write_json
+from .settings import ARCHS, PAPER_RECIPE, PRETRAIN_RECIPES, RESULTS_DIR, preset_recipe
 
-ROOT = Path(__file__).resolve().parent
-RUNS_DIR = common.RESULTS_DIR / "runs"
-LOCKS_DIR = common.RESULTS_DIR / "locks"
+ROOT = Path(__file__).resolve().parent.parent  # the repository: the scripts and requirements.txt
+RUNS_DIR = RESULTS_DIR / "runs"
+LOCKS_DIR = RESULTS_DIR / "locks"
 # What a record must share with the plan to be reused; a difference in any of them makes it stale. Code
 # version, device and library versions are recorded and shown in the tables, but do not make a record stale.
 PLAN_KEYS = ("data", "original", "recipe", "flags")
@@ -63,7 +66,7 @@ def forget_flags(spec):
 
 def results_stem(arch, preset, spec):
     """{arch}[-smoke][_{forget tag}], named like the checkpoints; the default forget setting is unmarked."""
-    return common.weights_path(arch, "", preset, spec).stem.removesuffix("_")
+    return weights_path(arch, "", preset, spec).stem.removesuffix("_")
 
 
 @dataclass
@@ -105,7 +108,7 @@ def unit_name(arch, seed, kind):
 
 def make_run(arch, method, seed, args, spec):
     """The run of method (original, retrain or an unlearning script) for arch and seed under args."""
-    checkpoint = common.weights_path(arch, method, args.preset, spec, seed)
+    checkpoint = weights_path(arch, method, args.preset, spec, seed)
     plan_flags = ["--arch", arch, "--preset", args.preset, "--seed", str(seed)]
     io_flags = ["--data", str(args.data), "--device", args.device, "--out", str(checkpoint)]
     if method == "original":
@@ -114,14 +117,14 @@ def make_run(arch, method, seed, args, spec):
         script = f"{method}.py"
         plan_flags += forget_flags(spec)
         if method != "retrain":
-            io_flags += ["--weights", str(common.weights_path(arch, "original", args.preset, spec, seed))]
+            io_flags += ["--weights", str(weights_path(arch, "original", args.preset, spec, seed))]
     return Run(arch, method, seed, script, checkpoint, RUNS_DIR / f"{checkpoint.stem}.json", plan_flags, io_flags)
 
 
 def plan_units(args, spec):
     """Every unit in priority order: resnet50 before vit, seeds in order, a seed's methods unit before its retrain."""
     units = []
-    for arch in sorted(args.arch, key=common.ARCHS.index):
+    for arch in sorted(args.arch, key=ARCHS.index):
         for seed in sorted(args.seeds):
             methods = Unit(arch, seed, "methods", [make_run(arch, m, seed, args, spec)
                                                    for m in ["original", *args.methods]])
@@ -136,8 +139,8 @@ def select_units(units, names):
     known = {unit.name for unit in units}
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise common.UserError(f"unknown unit {unknown[0]!r} for these flags; `--list-units` lists them: "
-                               f"{' '.join(unit.name for unit in units)}")
+        raise UserError(f"unknown unit {unknown[0]!r} for these flags; `--list-units` lists them: "
+                        f"{' '.join(unit.name for unit in units)}")
     return [unit for unit in units if unit.name in names]
 
 
@@ -163,16 +166,16 @@ def model_sha256(checkpoint):
 
 @functools.cache
 def code_version():
-    """{"commit", "dirty", "sha256"} of the code beside this file. commit and dirty (a Python file outside tests/
-    or requirements.txt differs from the commit or is untracked) come from git, None outside a git checkout (e.g.
-    a copy of the tree sent to a job machine); sha256 hashes those files themselves, so a record made from such a
-    copy still names its code: the commit whose files hash the same."""
+    """{"commit", "dirty", "sha256"} of the repository's code: the scripts, the common package, requirements.txt.
+    commit and dirty (such a file differs from the commit or is untracked; tests do not count) come from git, None
+    outside a git checkout (e.g. a copy of the tree without .git); sha256 hashes those files themselves, so a
+    record made from such a copy still names its code: the commit whose files hash the same."""
     def git(*command):
         return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     digest = hashlib.sha256()
-    for path in sorted([*ROOT.glob("*.py"), ROOT / "requirements.txt"]):
+    for path in sorted([*ROOT.glob("*.py"), *ROOT.glob("common/*.py"), ROOT / "requirements.txt"]):
         if path.is_file():
-            digest.update(f"{path.name}\0".encode() + path.read_bytes() + b"\0")
+            digest.update(f"{path.relative_to(ROOT).as_posix()}\0".encode() + path.read_bytes() + b"\0")
     try:
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--", "*.py", "requirements.txt", ":(exclude)tests"))
@@ -188,21 +191,21 @@ def script_recipe(script):
     for node in ast.parse((ROOT / script).read_text()).body:
         if isinstance(node, ast.Assign) and any(getattr(target, "id", None) == "RECIPE" for target in node.targets):
             return ast.literal_eval(node.value)
-    return common.PAPER_RECIPE
+    return PAPER_RECIPE
 
 
 def recipe(run, preset):
     """The training recipe the run's script resolves for the sweep's flags: the pretraining recipe, or the method
     script's own, with the preset's overrides."""
-    base = common.PRETRAIN_RECIPES[run.arch] if run.from_scratch else script_recipe(run.script)
-    return common.preset_recipe(base, preset, run.from_scratch)
+    base = PRETRAIN_RECIPES[run.arch] if run.from_scratch else script_recipe(run.script)
+    return preset_recipe(base, preset, run.from_scratch)
 
 
 def fingerprint(run, preset, data_hash, data_label, device, original_hash=None):
     """What produced a run: the plan's part (PLAN_KEYS) and the circumstances (code, device, libraries)."""
     return {"data": {"sha256": data_hash, "label": data_label}, "original": original_hash,
             "recipe": recipe(run, preset), "flags": [run.script, *run.plan_flags], "code": code_version(),
-            "device": common.device_name(device), "versions": common.library_versions()}
+            "device": device_name(device), "versions": library_versions()}
 
 
 def differences(record, expected):
@@ -225,11 +228,11 @@ def read_record(path):
     try:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise common.UserError(f"run record {path} is unreadable ({type(error).__name__}): restore it "
-                               f"(git checkout -- {path}) or delete it to rerun that run") from None
+        raise UserError(f"run record {path} is unreadable ({type(error).__name__}): restore it "
+                        f"(git checkout -- {path}) or delete it to rerun that run") from None
     if not isinstance(record, dict) or not {"method", "seed", "arch"} <= set(record):
-        raise common.UserError(f"run record {path} is not a run record of this project: restore it "
-                               f"(git checkout -- {path}) or delete it to rerun that run")
+        raise UserError(f"run record {path} is not a run record of this project: restore it "
+                        f"(git checkout -- {path}) or delete it to rerun that run")
     return record
 
 
@@ -383,7 +386,7 @@ def run_script(script, flags):
     if status != 0:
         tail = (output or "").strip().splitlines()[-OUTPUT_TAIL_LINES:]
         print("\n".join(f"    {line}" for line in tail), file=sys.stderr)
-        raise common.UserError(f"{' '.join(command[1:])} failed with exit status {status} (output above)")
+        raise UserError(f"{' '.join(command[1:])} failed with exit status {status} (output above)")
 
 
 class Sweep:
@@ -463,7 +466,7 @@ class Sweep:
         timed on this device (pretrain and retrain share their timings: the same recipe), else what this device's
         bench record gives (bench_seconds), else DEFAULT_RUN_SECONDS; source names those used, e.g. "records +
         bench"."""
-        device = common.device_name(self.args.device)
+        device = device_name(self.args.device)
         total, sources = 0.0, set()
         for run in runs:
             same_kind = ("original", "retrain") if run.from_scratch else (run.method,)
@@ -484,7 +487,7 @@ class Sweep:
 
     @functools.cached_property
     def bench_speeds(self):
-        return bench_speeds(common.device_name(self.args.device), self.args.preset)
+        return bench_speeds(device_name(self.args.device), self.args.preset)
 
     def bench_seconds(self, run):
         """Seconds run is expected to take from this device's bench rows, None without the rows it needs: its
@@ -524,7 +527,7 @@ class Sweep:
             run_script(run.script, [*run.plan_flags, *run.io_flags])
             record = self.evaluate(run, original_hash)
             record["seconds"] = time.perf_counter() - start
-            common.write_json(run.record, record)
+            write_json(run.record, record)
             self.kept.append(run.record)
             if run.method == "original":
                 original_hash = record["model_sha256"]

@@ -1,0 +1,120 @@
+"""The shared library of the scripts: one package, one idea per module, every name handed on here.
+
+Scripts `import common` and call `common.prune(...)`; nothing here imports a script. From the ground up:
+
+    settings, errors, files      constants and recipes; one-line errors; atomic output files
+    data, forget, models         CIFAR-10 on the device; forget/retain splits; ResNet-50 and ViT-S/4
+    pruning, adapters            structured L2 pruning; LoRA through peft
+    training, baselines          the one training loop; the baselines' losses and saliency
+    metrics, measure             UA/RA/TA/MIA; warm-up, RTE, peak memory, accuracy curves
+    checkpoints, evaluation      saving, loading, naming; one checkpoint's metrics and tables
+    arguments, scripts           flag helpers; the command-line runner, run_method, run_from_scratch
+    representation               Probe-UA, CKA and relearn time (common.representation)
+    sweep, launch                the sweep behind reproduce.py and its parallel launchers
+"""
+from .adapters import LoraSettings, add_lora, finalize, lora_settings
+from .arguments import (
+    OneLineParser,
+    add_batchnorm_argument,
+    add_common_arguments,
+    add_device_argument,
+    add_forget_arguments,
+    add_lora_arguments,
+    add_method_arguments,
+    add_pretrain_option_arguments,
+    add_prune_arguments,
+    add_seed_argument,
+    add_weights_argument,
+    check_out_path,
+    make_parser,
+    nonnegative_float,
+    nonnegative_int,
+    number,
+    open_unit_interval,
+    positive_float,
+    positive_int,
+    seed_int,
+    torch_device,
+    unit_interval_open_above,
+    unit_interval_open_below,
+    with_overrides,
+)
+from .baselines import RandomLabelBatches, distill_kl, l1_norm, random_other_labels, saliency_mask
+from .checkpoints import (
+    NAMED_OR_NEUTRAL_FLAGS,
+    device_name,
+    library_versions,
+    load_checkpoint,
+    name_settings,
+    save_checkpoint,
+    setting_text,
+    state_mismatch,
+    weights_path,
+)
+from .data import CIFAR10, Batches, augment, load_cifar10, normalize
+from .errors import Terminated, TrainingDiverged, UserError, raise_terminated
+from .evaluation import EVALUATE_COLUMNS, evaluate_checkpoint, format_cell, markdown_table
+from .files import check_writable, write_json, written
+from .forget import ForgetSpec, Splits, check_splits, forget_spec_from_args, make_splits
+from .measure import AccuracyCurve, Measure, default_eval_every, warm_up, warm_up_on
+from .metrics import METRIC_KEYS, accuracy, evaluate_model, mia_efficacy, predict
+from .models import SlimResNet, build_model, count_parameters, to_device
+from .pruning import (
+    batchnorm_after,
+    import_torch_pruning,
+    model_cost,
+    output_mask,
+    prune,
+    prune_physically,
+    prune_targets,
+    pruned_layers,
+    resize_to_state,
+)
+from .scripts import (
+    Context,
+    cli,
+    report_saved,
+    run_from_scratch,
+    run_meta,
+    run_method,
+    train_on_retain,
+    unlearn_and_save,
+)
+from .settings import (
+    ARCHS,
+    BASELINE_SGD,
+    BATCHNORM_MODES,
+    CIFAR_MEAN,
+    CIFAR_STD,
+    CLASS_NAMES,
+    DEFAULT_FORGET_CLASS,
+    DIVERGENCE_CHECK_STEPS,
+    EVAL_BATCH_SIZE,
+    IMAGE_SIZE,
+    LORA_DEFAULTS,
+    MIA_MAX_SAMPLES,
+    NUM_CLASSES,
+    PAPER_RECIPE,
+    PRESETS,
+    PRETRAIN_OPTIONS,
+    PRETRAIN_RECIPES,
+    PRUNE_AMOUNT,
+    PRUNE_MODES,
+    RESULTS_DIR,
+    SMOKE,
+    WEIGHTS_DIR,
+    preset_recipe,
+)
+from .training import (
+    COMPILE_BACKEND,
+    autocast,
+    beta_sample,
+    cross_entropy,
+    deterministic_mode,
+    make_adam,
+    make_sgd,
+    mix_batch,
+    seed_everything,
+    train,
+    train_from_scratch,
+)

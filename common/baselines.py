@@ -1,0 +1,72 @@
+"""Pieces the baselines train with: random other labels (RL, SalUn), distillation (SCRUB), the L1 penalty
+(l1-sparse) and SalUn's weight saliency."""
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from .settings import NUM_CLASSES
+from .training import cross_entropy, make_sgd
+
+
+def random_other_labels(labels, generator=None):
+    """A uniformly random label for each sample, never its true one."""
+    shift = torch.randint(1, NUM_CLASSES, labels.shape, device=labels.device, generator=generator)
+    return (labels + shift) % NUM_CLASSES
+
+
+class RandomLabelBatches:
+    """One pass: the forget batches relabelled by random_other_labels, then the retain batches (SalUn's RL)."""
+
+    def __init__(self, forget, retain, seed=0):
+        self.forget, self.retain = forget, retain
+        self.generator = torch.Generator(device=forget.images.device)
+        self.generator.manual_seed(seed)
+
+    def __len__(self):
+        return len(self.forget) + len(self.retain)
+
+    def __iter__(self):
+        for inputs, labels in self.forget:
+            yield inputs, random_other_labels(labels, self.generator)
+        yield from self.retain
+
+
+def distill_kl(student_logits, teacher_logits, temperature):
+    """KL(teacher || student) of temperature-softened outputs, times T^2 (Hinton distillation, as in SCRUB)."""
+    return F.kl_div(F.log_softmax(student_logits.float() / temperature, 1),
+                    F.softmax(teacher_logits.float() / temperature, 1), reduction="batchmean") * temperature ** 2
+
+
+def l1_norm(model):
+    """Sum of |w| over every trainable parameter."""
+    return sum(p.abs().sum() for p in model.parameters() if p.requires_grad)
+
+
+def saliency_mask(model, batches, share, step_lr=None):
+    """SalUn's weight saliency: {parameter name: bool mask shaped like it}, True for the `share` of all trainable
+    weights (one ranking across the model) with the largest |gradient of the forget loss -CE summed over batches|,
+    in eval mode. By default every gradient is taken at the model's weights (the SalUn paper's equation). With
+    step_lr, a copy of the model takes an SGD step (momentum, weight decay: make_sgd) on -CE after every batch,
+    as a version of SalUn's generate_mask.py does, so the gradients are summed along that path; the model itself
+    is left unchanged either way."""
+    if step_lr is not None:
+        model = copy.deepcopy(model)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = make_sgd(params.values(), step_lr) if step_lr is not None else None
+    saliency = {name: torch.zeros_like(p) for name, p in params.items()}
+    model.eval()
+    for inputs, labels in batches:
+        model.zero_grad(set_to_none=True)
+        (-cross_entropy(model, inputs, labels)).backward()
+        for name, p in params.items():
+            if p.grad is not None:
+                saliency[name] += p.grad
+        if optimizer is not None:
+            optimizer.step()
+    model.zero_grad(set_to_none=True)
+    flat = torch.cat([s.abs().flatten() for s in saliency.values()])
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[torch.topk(flat, round(share * flat.numel()), sorted=False).indices] = True
+    sizes = [p.numel() for p in params.values()]
+    return {name: k.view_as(params[name]) for name, k in zip(params, keep.split(sizes), strict=True)}

@@ -1,0 +1,49 @@
+"""Evaluating one checkpoint into a dict of metrics, and markdown tables of such rows."""
+from .checkpoints import load_checkpoint
+from .data import load_cifar10
+from .forget import ForgetSpec, make_splits
+from .metrics import evaluate_model
+
+
+def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cache=None, extra_metrics=None):
+    """Metrics of one checkpoint as a dict with keys path, arch, method, UA, RA, TA, MIA_efficacy, RTE_s,
+    peak_gpu_mem_mb (and forget, seed, preset). The forget setting is the checkpoint's unless spec is given;
+    a checkpoint without one (the original model) is scored on the default (class 3). The MIA draws its
+    samples with the seed recorded in the checkpoint unless seed is given.
+    extra_metrics(model, meta, data, splits, spec, seed) -> dict adds further metrics (common.representation's)."""
+    model, meta = load_checkpoint(path, device)
+    if seed is None:
+        seed = meta.get("seed") or 0
+    spec = spec or (ForgetSpec.from_dict(meta["forget"]) if meta.get("forget") else ForgetSpec())
+    preset = meta.get("preset", "full")
+    cache = {} if data_cache is None else data_cache
+    if (data_root, preset) not in cache:
+        cache[(data_root, preset)] = load_cifar10(data_root, device, preset)
+    data = cache[(data_root, preset)]
+    splits = make_splits(data.train_labels, data.test_labels, spec)
+    metrics = evaluate_model(model, data, splits, seed)
+    if extra_metrics is not None:
+        metrics.update(extra_metrics(model, meta, data, splits, spec, seed))
+    return {"path": str(path), "arch": meta["arch"], "method": meta.get("method"), **metrics,
+            "RTE_s": meta.get("rte_s"), "peak_gpu_mem_mb": meta.get("peak_gpu_mem_mb"),
+            "forget": spec.tag, "seed": meta.get("seed"), "preset": preset}
+
+
+def format_cell(value, digits=2):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if value != value else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(rows, columns):
+    """A markdown table of dict rows; columns maps key -> header."""
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(format_cell(row.get(key)) for key in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+EVALUATE_COLUMNS = {"method": "method", "arch": "arch", "forget": "forget", "UA": "UA %", "RA": "RA %", "TA": "TA %",
+                    "MIA_efficacy": "MIA-efficacy %", "RTE_s": "RTE s", "peak_gpu_mem_mb": "peak GPU MB",
+                    "path": "checkpoint"}

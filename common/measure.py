@@ -1,0 +1,105 @@
+"""Measuring a run: the untimed warm-up, the timed block (RTE, peak GPU memory) and time-to-accuracy curves."""
+import time
+
+import torch
+from tqdm import tqdm
+
+from .data import normalize
+from .metrics import accuracy, predict
+from .training import autocast, cross_entropy
+
+
+def default_eval_every(epochs):
+    """About ten evaluation points over a run (every epoch for short runs), the last epoch always included."""
+    return max(1, epochs // 10)
+
+
+class AccuracyCurve:
+    """Time to accuracy: test accuracy after every `every`-th epoch and the last, with the training seconds so far
+    and the throughput since the previous point, one printed line each. Evaluation (no_grad, the test images idx)
+    is not training time: `eval_seconds` says how much of the run it took. Called as after_epoch(epoch)."""
+
+    def __init__(self, model, images, labels, idx, every, epochs, images_per_epoch, desc="train"):
+        self.model, self.images, self.labels, self.idx = model, images, labels, idx
+        self.every, self.epochs, self.images_per_epoch, self.desc = every, epochs, images_per_epoch, desc
+        self.device = next(model.parameters()).device
+        self.points, self.eval_seconds = [], 0.0
+        self.start = self.last_seconds = None
+        self.last_epoch = 0
+
+    def begin(self):
+        """Start the clock (call right before training)."""
+        self._sync()
+        self.start, self.last_seconds = time.perf_counter(), 0.0
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, epoch):
+        if not self.every or (epoch % self.every and epoch != self.epochs):
+            return
+        self._sync()
+        paused = time.perf_counter()
+        seconds = paused - self.start - self.eval_seconds
+        modes = {module: module.training for module in self.model.modules()}
+        test_accuracy = accuracy(predict(self.model, self.images, self.idx), self.labels[self.idx])
+        for module, training in modes.items():  # back to each module's own mode (frozen BatchNorm stays frozen)
+            module.train(training)
+        images_per_s = (epoch - self.last_epoch) * self.images_per_epoch / max(seconds - self.last_seconds, 1e-9)
+        self.points.append({"epoch": epoch, "seconds": round(seconds, 3), "test_accuracy": round(test_accuracy, 3),
+                            "images_per_s": round(images_per_s, 1)})
+        self.last_epoch, self.last_seconds = epoch, seconds
+        tqdm.write(f"{self.desc} epoch {epoch}/{self.epochs}: test accuracy {test_accuracy:.2f} % after "
+                   f"{seconds:.1f} s of training, {images_per_s:,.0f} images/s")
+        self.eval_seconds += time.perf_counter() - paused
+
+
+def warm_up(model, inputs, labels):
+    """One untimed forward and backward pass (bf16 autocast on GPU, train mode), so that CUDA, cuBLAS and cuDNN
+    start-up falls outside the RTE. The model is left exactly as it was: its buffers (BatchNorm statistics) and
+    the RNG states (dropout) are restored, the gradients cleared, and no optimizer steps."""
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(inputs.device) if inputs.is_cuda else None
+    training = model.training
+    model.train()
+    with autocast(inputs.device):
+        loss = cross_entropy(model, inputs, labels)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng, inputs.device)
+        torch.cuda.synchronize(inputs.device)
+    model.train(training)
+
+
+def warm_up_on(model, data, idx, batch_size):
+    """warm_up on the first batch_size images of images[idx] (no shuffling, so no batch generator moves)."""
+    first = idx[:batch_size]
+    warm_up(model, normalize(data.train_images[first]), data.train_labels[first])
+
+
+class Measure:
+    """Times a block (device synchronised) and records its peak GPU memory; `with Measure(device) as m:`."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.seconds, self.peak_gpu_mem_mb = None, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_gpu_mem_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        self.seconds = time.perf_counter() - self.start
