@@ -241,7 +241,8 @@ def parse_args(argv=None):
                         help="unlearning epochs (default: 5, under --preset smoke 1)")
     parser.add_argument("--preset", default="full", choices=common.PRESETS, help="full or smoke (default: full)")
     parser.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (default: data)")
-    parser.add_argument("--data-label", default="CIFAR-10 (JPEG copy)", help="what the data is, for the table")
+    parser.add_argument("--data-label", help="what the data is, for the table (default: named by the data itself, "
+                                             "see docs/data.md)")
     common.add_device_argument(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile the project-loop runs (compile time "
                                                                  "reported separately)")
@@ -258,6 +259,7 @@ def main(argv=None):
     out = Path(args.out)
     common.check_writable(out / "results.json", "--out")
     data_cpu = common.load_cifar10(args.data, "cpu", args.preset)
+    args.data_label = args.data_label or common.data_label(args.data)
     if args.limit:
         data_cpu = common.CIFAR10(data_cpu.train_images[:args.limit], data_cpu.train_labels[:args.limit],
                                   data_cpu.test_images[:args.limit // 5], data_cpu.test_labels[:args.limit // 5])

@@ -42,7 +42,6 @@ DEFAULT_METHODS = ("finetune", "pruneft", "lora", "loraprune")
 BASELINES = ("ga", "rl", "l1sparse", "salun", "scrub")
 DEFAULT_SEEDS = (0, 1, 2)
 SMOKE_FALLBACK_SEEDS = (0,)
-DEFAULT_DATA_LABEL = "CIFAR-10 (JPEG copy)"
 STAT_KEYS = ("UA", "MIA_efficacy", "RA", "TA", "avg_gap", "RTE_s", "peak_gpu_mem_mb")
 TABLE_COLUMNS = {"method": "method", "n": "runs", "UA": "UA %", "MIA_efficacy": "MIA-efficacy %", "RA": "RA %",
                  "TA": "TA %", "avg_gap": "avg. gap ↓", "RTE_s": "RTE s", "peak_gpu_mem_mb": "peak GPU MB"}
@@ -455,9 +454,10 @@ def parse_args(argv):
                         help="full: the paper's settings; smoke: tiny models on a few images per class "
                              "(default: full on a GPU, smoke on CPU)")
     parser.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (default: data)")
-    parser.add_argument("--data-label", default=DEFAULT_DATA_LABEL,
-                        help=f"name of the data set, recorded with each run; table headers show the labels of "
-                             f"their runs (default: {DEFAULT_DATA_LABEL})")
+    parser.add_argument("--data-label",
+                        help="name of the data set, recorded with each run; table headers show the labels of "
+                             "their runs (default: named by the data itself: CIFAR-10 when the files match the "
+                             "official release's checksums, else the text of a PROVENANCE file beside them)")
     common.add_forget_arguments(parser)
     common.add_device_argument(parser)
     parser.add_argument("--force", action="store_true",
@@ -570,6 +570,7 @@ def main(argv=None):
         return []
     selected = sweep.select_units(units, args.units)
     data = common.load_cifar10(args.data, args.device, args.preset)
+    args.data_label = args.data_label or common.data_label(args.data)
     plan = sweep.Sweep(args, spec, sweep.data_sha256(data), {(args.data, args.preset): data})
     if not args.tables_only:
         print(f"{len(selected)} units: {' '.join(args.arch)} x seeds {' '.join(map(str, args.seeds))} x "

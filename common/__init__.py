@@ -51,7 +51,17 @@ from .checkpoints import (
     state_mismatch,
     weights_path,
 )
-from .data import CIFAR10, Batches, augment, load_cifar10, normalize
+from .data import (
+    CIFAR10,
+    DIFFERENT_DATA_LABEL,
+    OFFICIAL_FILES,
+    PROVENANCE_FILE,
+    Batches,
+    augment,
+    data_label,
+    load_cifar10,
+    normalize,
+)
 from .errors import Terminated, TrainingDiverged, UserError, raise_terminated
 from .evaluation import EVALUATE_COLUMNS, evaluate_checkpoint, format_cell, markdown_table
 from .files import check_writable, write_json, written

@@ -1,5 +1,6 @@
 """CIFAR-10 on the device: the standard pickles read and checked, normalisation, augmentation and batches
 drawn from a device-side permutation (no DataLoader)."""
+import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,35 @@ def load_cifar10(root, device, preset="full"):
         test_images, test_labels = test_images[keep_test], test_labels[keep_test]
     device = torch.device(device)
     return CIFAR10(train_images.to(device), train_labels.to(device), test_images.to(device), test_labels.to(device))
+
+
+OFFICIAL_FILES = dict(torchvision.datasets.CIFAR10.train_list + torchvision.datasets.CIFAR10.test_list)  # name: md5
+PROVENANCE_FILE = "PROVENANCE"
+DIFFERENT_DATA_LABEL = "CIFAR-10 (files differ from the official release)"
+
+
+def data_label(root):
+    """What the data under root is, for run records and tables: "CIFAR-10" when the five training batches and the
+    test batch match the official release's md5 checksums (those torchvision checks), else the one-line text of a
+    PROVENANCE file beside them (an offline copy naming itself), else DIFFERENT_DATA_LABEL."""
+    folder = Path(root) / "cifar-10-batches-py"
+    if all(_md5(folder / name) == md5 for name, md5 in OFFICIAL_FILES.items()):
+        return "CIFAR-10"
+    provenance = folder / PROVENANCE_FILE
+    if provenance.is_file():
+        lines = provenance.read_text(errors="replace").strip().splitlines()
+        if len(lines) == 1 and lines[0].strip():
+            return lines[0].strip()
+    return DIFFERENT_DATA_LABEL
+
+
+def _md5(path):
+    """The md5 hex digest of a file, None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "md5").hexdigest()
+    except OSError:
+        return None
 
 
 def normalize(images):

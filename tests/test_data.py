@@ -1,3 +1,5 @@
+import hashlib
+
 import pytest
 import torch
 import torchvision
@@ -103,3 +105,26 @@ def test_augment_crops_and_flips_within_the_image():
     for row in out[:, 0, 0]:
         steps = row.diff().abs()
         assert set(steps.tolist()) <= {0.0, 1.0}  # a shifted ramp, reflected at the border
+
+
+def test_data_label_names_the_official_release_a_provenance_file_or_different_files(tmp_path, monkeypatch):
+    root = write_synthetic_cifar(tmp_path)
+    folder = root / "cifar-10-batches-py"
+    assert common.data_label(root) == common.DIFFERENT_DATA_LABEL
+    (folder / "PROVENANCE").write_text("CIFAR-10 (JPEG copy)\n")
+    assert common.data_label(root) == "CIFAR-10 (JPEG copy)"
+    (folder / "PROVENANCE").write_text("two\nlines\n")  # not a one-line provenance: not trusted as a name
+    assert common.data_label(root) == common.DIFFERENT_DATA_LABEL
+    # the official release is recognised by its checksums, whatever a PROVENANCE file says
+    checksums = {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in common.OFFICIAL_FILES}
+    monkeypatch.setattr(common.data, "OFFICIAL_FILES", checksums)
+    (folder / "PROVENANCE").write_text("something else\n")
+    assert common.data_label(root) == "CIFAR-10"
+    with open(folder / "data_batch_3", "ab") as batch:
+        batch.write(b"\0")
+    assert common.data_label(root) == "something else"
+
+
+def test_the_official_checksums_are_torchvisions():
+    assert sorted(common.OFFICIAL_FILES) == sorted([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"])
+    assert common.OFFICIAL_FILES["test_batch"] == dict(torchvision.datasets.CIFAR10.test_list)["test_batch"]

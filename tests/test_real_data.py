@@ -1,4 +1,5 @@
-"""Reads a tiny subset of the real CIFAR-10 (JPEG copy) when the shared pack is present; skips otherwise."""
+"""Reads a tiny subset of the real CIFAR-10 (JPEG copy) when its offline pack lies beside the repository; skips
+otherwise."""
 import subprocess
 import sys
 
@@ -21,3 +22,5 @@ def test_real_pack_loads_in_standard_layout(tmp_path):
     assert torch.bincount(data.train_labels).tolist() == [4] * 10
     means = data.train_images.float().mean((0, 2, 3)) / 255
     assert torch.allclose(means, torch.tensor(common.CIFAR_MEAN), atol=0.1)
+    provenance = (tmp_path / "cifar-10-batches-py" / "PROVENANCE").read_text().strip()
+    assert common.data_label(tmp_path) == provenance  # a re-encoded copy names itself, not "CIFAR-10"
