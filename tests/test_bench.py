@@ -4,6 +4,7 @@ import pytest
 from conftest import run_script
 
 import bench
+import common
 
 
 def test_bench_smoke_writes_rows_for_each_run(workdir, cifar_dir):
@@ -23,7 +24,8 @@ def test_bench_smoke_writes_rows_for_each_run(workdir, cifar_dir):
     assert results["physical_over_finetune"]["vit"] > 0
     assert {"device", "date", "torch", "data", "epochs"} <= results.keys() and results["complete"]
     table = (workdir / "bench" / "results.md").read_text()
-    assert "CIFAR-10 (JPEG copy)" in table and results["torch"] in table and table.count("| vit |") == 7
+    assert results["data"] == common.DIFFERENT_DATA_LABEL  # synthetic data, no PROVENANCE file
+    assert results["data"] in table and results["torch"] in table and table.count("| vit |") == 7
     assert "Incomplete" not in table
 
 
