@@ -197,8 +197,10 @@ def read_only(tmp_path):
     if os.geteuid() != 0:
         (folder / "earlier.json").write_text('{"kept": true}\n')
         folder.chmod(0o555)
-        yield folder
-        folder.chmod(0o755)
+        try:
+            yield folder
+        finally:
+            folder.chmod(0o755)
         return
     mount_tmpfs(folder)
     try:
