@@ -230,7 +230,7 @@ def write_results(out, results):
             f"- torch: {results['torch']}\n"
             f"- data: {results['data']} (preset {results['preset']}{limit}), {results['epochs']} epoch(s)\n"
             f"- compile: {results['compile']}\n\n{common.markdown_table(results['rows'], COLUMNS)}\n\n{ratios}\n")
-    (out / "results.md").write_text(text)
+    common.write_text(out / "results.md", text)
 
 
 def parse_args(argv=None):

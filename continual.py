@@ -99,7 +99,7 @@ def plot(rows, steps, title, path):
         ax.grid(alpha=0.3)
     axes[0].legend()
     figure.suptitle(title)
-    figure.savefig(path, dpi=120)
+    common.save_figure(path, figure, dpi=120)
 
 
 def main(argv=None):
@@ -132,7 +132,7 @@ def main(argv=None):
     common.write_json(out.with_suffix(".json"), {"arch": args.arch, "preset": args.preset, "steps": args.steps,
                                                  "methods": args.methods, "seed": args.seed, "rows": rows})
     table = [dict(row, forget_classes=" ".join(map(str, row["forget_classes"]))) for row in rows]
-    out.with_suffix(".md").write_text(common.markdown_table(table, COLUMNS) + "\n")
+    common.write_text(out.with_suffix(".md"), common.markdown_table(table, COLUMNS) + "\n")
     title = f"Continual unlearning, {args.arch} ({args.preset} preset): metrics on every class forgotten so far"
     plot(rows, args.steps, title, out.with_suffix(".png"))
     print(common.markdown_table(table, COLUMNS))

@@ -150,7 +150,7 @@ def run_units(plan, units, args, argv, started):
         print(f"reusing {len(elsewhere)} record(s) made by other code, on another device, with other library "
               f"versions or under another data label (the tables show the records' own; --force reruns): "
               f"{' '.join(run.record.stem for run in elsewhere)}")
-    records = sweep.all_records()
+    records = plan.records()
     left = []
     for i, unit in enumerate(units, start=1):
         prefix = f"[{i}/{len(units)}] {unit.name}"
@@ -177,7 +177,7 @@ def run_units(plan, units, args, argv, started):
             plan.run_unit(unit)
         finally:
             lock.release()
-        records = sweep.all_records()
+        records = plan.records()
     if left:
         print(f"{len(left)} unit(s) left to run: {' '.join(unit.name for unit in left)}; "
               f"the same command continues with them")
@@ -190,7 +190,7 @@ def load_runs(arch, spec, plan):
     """(records that match the plan, names of those that do not) in results/runs/ for this arch, preset and
     forget setting."""
     matching, left_out = [], []
-    for path, record in sweep.all_records().items():
+    for path, record in plan.records().items():
         if (record.get("arch"), record.get("preset"), record.get("forget")) != (arch, plan.args.preset, spec.tag):
             continue
         run = sweep.make_run(arch, record["method"], record["seed"], plan.args, spec)
@@ -287,7 +287,7 @@ def write_markdown(path, title, lines, rows):
     measured = {key: header for key, header in REPRESENTATION_COLUMNS.items() if any(key in row for row in rows)}
     columns = {**dict(list(TABLE_COLUMNS.items())[:-2]), **measured, **dict(list(TABLE_COLUMNS.items())[-2:])}
     text = "\n\n".join([f"# {title}", *lines, common.markdown_table(table_rows, columns)])
-    path.write_text(text + "\n")
+    common.write_text(path, text + "\n")
 
 
 def method_colors(methods):
@@ -332,7 +332,7 @@ def plot_metrics(path, title, rows):
                          label="dashed: retrain (the target); error bars: ±1 std, clipped to the range"))
     figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 8))
     figure.suptitle(title, fontsize=11)
-    figure.savefig(path, dpi=110)
+    common.save_figure(path, figure, dpi=110)
 
 
 def spread(heights, spacing):
@@ -412,7 +412,7 @@ def plot_tradeoff(path, title, rows):
     ax.legend(title="method (±1 std)")
     ax.set_title(title, fontsize=10)
     label_points(ax, [(row["method"], row["RTE_s"]["mean"], row["avg_gap"]["mean"]) for row in points], colors)
-    figure.savefig(path, dpi=110)
+    common.save_figure(path, figure, dpi=110)
     return figure
 
 

@@ -2,7 +2,8 @@
 
 Scripts `import common` and call `common.prune(...)`; nothing here imports a script. From the ground up:
 
-    settings, errors, files      constants and recipes; one-line errors; atomic output files
+    settings, errors             constants and recipes; one-line errors
+    processes, files             children that die with their parent; atomic output files
     data, forget, models         CIFAR-10 on the device; forget/retain splits; ResNet-50 and ViT-S/4
     pruning, adapters            structured L2 pruning; LoRA through peft
     training, baselines          the one training loop; the baselines' losses and saliency
@@ -62,13 +63,14 @@ from .data import (
     load_cifar10,
     normalize,
 )
-from .errors import Terminated, TrainingDiverged, UserError, raise_terminated
+from .errors import DamagedFile, ParentGone, Terminated, TrainingDiverged, UserError, raise_terminated
 from .evaluation import EVALUATE_COLUMNS, evaluate_checkpoint, format_cell, markdown_table
-from .files import check_writable, write_json, written
+from .files import atomic_write, check_writable, save_figure, write_bytes, write_error, write_json, write_text, written
 from .forget import ForgetSpec, Splits, check_splits, forget_spec_from_args, make_splits
 from .measure import AccuracyCurve, Measure, default_eval_every, warm_up, warm_up_on
 from .metrics import METRIC_KEYS, accuracy, evaluate_model, mia_efficacy, predict
 from .models import SlimResNet, build_model, count_parameters, to_device
+from .processes import check_parent_alive, start_child
 from .pruning import (
     batchnorm_after,
     import_torch_pruning,

@@ -1,8 +1,7 @@
 """Checkpoints {"model": state_dict, "meta": {...}}: atomic saving, checked loading and default file names."""
 import hashlib
-import os
+import io
 import re
-import tempfile
 from pathlib import Path
 
 import peft
@@ -11,7 +10,7 @@ import torch
 import torchvision
 
 from .errors import UserError
-from .files import written
+from .files import write_bytes
 from .forget import ForgetSpec
 from .models import build_model
 from .pruning import resize_to_state
@@ -29,19 +28,14 @@ def device_name(device):
 
 
 def save_checkpoint(path, model, meta):
-    """Write {"model": state_dict, "meta": meta} atomically: a temporary file, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write {"model": state_dict, "meta": meta} atomically (files.atomic_write).
+
+    torch.save writes to memory first: a write error it met itself would surface as an unexplained RuntimeError,
+    one of atomic_write's own is a one-line error naming the path and the cause (no space, read-only)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"model": state, "meta": meta}, f)
-        os.replace(tmp, path)
-        written.append(path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    buffer = io.BytesIO()
+    torch.save({"model": state, "meta": meta}, buffer)
+    write_bytes(path, buffer.getbuffer())
 
 
 def load_checkpoint(path, device="cpu", arch=None):

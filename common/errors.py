@@ -6,6 +6,10 @@ class UserError(Exception):
     exit_status = 1
 
 
+class DamagedFile(UserError):
+    """A file this project wrote (a checkpoint, a run record) that no longer reads as one."""
+
+
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite: training stops and nothing is written; exit status 3."""
     exit_status = 3
@@ -13,6 +17,10 @@ class TrainingDiverged(UserError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (e.g. a cluster's preemption), raised as a KeyboardInterrupt so that the same clean-up runs."""
+
+
+class ParentGone(Terminated):
+    """The sweep or launcher that started this step has died: the step stops without writing anything."""
 
 
 def raise_terminated(signum, frame):

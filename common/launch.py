@@ -38,6 +38,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import UserError
+from .files import write_error
+from .processes import start_child
 
 LAUNCHERS = ("local", "slurm")
 LOG_TAIL_LINES = 20
@@ -73,15 +75,23 @@ class UnitCommand:
         self.job = job
         self.requeue_grace_s = requeue_grace_s
         self._process = None
+        self._stopping = False
 
     def __call__(self):
         job = self.job
-        job.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(job.log, "a") as log:
+        try:
+            job.log.parent.mkdir(parents=True, exist_ok=True)
+            log = open(job.log, "a")
             log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}: {shlex.join(job.argv)}\n")
             log.flush()
-            self._process = subprocess.Popen(job.argv, cwd=job.cwd, env={**os.environ, **job.env},
-                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        except OSError as error:
+            raise write_error(job.log, error) from None
+        with log:
+            # the unit stops when this process dies, however it dies (processes.start_child)
+            self._process = start_child(job.argv, cwd=job.cwd, env={**os.environ, **job.env},
+                                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            if self._stopping:  # stop() came while the process was being started
+                self._process.terminate()
             # poll() rather than wait(): checkpoint() runs in a signal handler on this thread, and a blocking
             # wait() here would hold the lock that its own wait needs
             while (status := self._process.poll()) is None:
@@ -94,6 +104,7 @@ class UnitCommand:
 
     def stop(self, grace_s=STOP_GRACE_S):
         """SIGTERM the running unit, SIGKILL it if it is still running after grace_s seconds."""
+        self._stopping = True
         process = self._process
         if process is None or process.poll() is not None:
             return
@@ -110,7 +121,7 @@ class UnitCommand:
         return submitit.helpers.DelayedSubmission(UnitCommand(self.job, self.requeue_grace_s))
 
     def __getstate__(self):
-        return {**self.__dict__, "_process": None}
+        return {**self.__dict__, "_process": None, "_stopping": False}
 
 
 def log_size(path):

@@ -28,9 +28,10 @@ import torch
 
 from . import representation
 from .checkpoints import device_name, library_versions, weights_path
-from .errors import UserError
-from .files import write_json
-from .settings import ARCHS, PAPER_RECIPE, PRETRAIN_RECIPES, RESULTS_DIR, preset_recipe
+from .errors import DamagedFile, UserError
+from .files import create_new, write_error, write_json
+from .processes import start_child
+from .settings import ARCHS, PAPER_RECIPE, PRESETS, PRETRAIN_RECIPES, RESULTS_DIR, preset_recipe
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: the scripts and requirements.txt
 RUNS_DIR = RESULTS_DIR / "runs"
@@ -155,12 +156,17 @@ def data_sha256(data):
 
 
 def model_sha256(checkpoint):
-    """sha256 of a checkpoint's weights (names and bytes, in name order), whatever else its file holds."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["model"]
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        digest.update(name.encode())
-        digest.update(state[name].contiguous().view(-1).view(torch.uint8).numpy())
+    """sha256 of a checkpoint's weights (names and bytes, in name order), whatever else its file holds; a file that
+    does not load as a checkpoint (truncated, overwritten) is a DamagedFile error naming it."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["model"]
+        digest = hashlib.sha256()
+        for name in sorted(state):
+            digest.update(name.encode())
+            digest.update(state[name].contiguous().view(-1).view(torch.uint8).numpy())
+    except Exception as error:
+        raise DamagedFile(f"checkpoint {checkpoint} is damaged ({type(error).__name__}): delete it, and the sweep "
+                          f"trains it again") from None
     return digest.hexdigest()
 
 
@@ -220,19 +226,94 @@ def differences(record, expected):
 
 # ------------------------------------------------------------------------------------------ records
 
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def within(low, high, nan=False):
+    """A check: a finite number in [low, high] (or NaN when nan is true)."""
+    def check(value):
+        if is_number(value) and (math.isfinite(value) and low <= value <= high or nan and math.isnan(value)):
+            return None
+        return f"a number in [{low:g}, {high:g}]" + (" or NaN" if nan else "")
+    return check
+
+
+def one_of(allowed):
+    return lambda value: None if value in allowed else f"one of: {', '.join(allowed)}"
+
+
+def of_type(types, text):
+    return lambda value: None if isinstance(value, types) and not isinstance(value, bool) else text
+
+
+def or_none(check):
+    return lambda value: None if value is None else check(value) and f"{check(value)} or null"
+
+
+def whole_number(value):
+    return None if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else "a whole number >= 0"
+
+
+def fingerprint_check(value):
+    ok = isinstance(value, dict) and isinstance(value.get("data"), dict)
+    return None if ok else "an object with the data, original model, recipe and flags"
+
+
+def sha256_check(value):
+    ok = isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    return None if ok else "a sha256 hex digest"
+
+
+PERCENT = within(0, 100)
+SECONDS = within(0, math.inf)
+# What a run record holds ({key: check}, a check returning None or what the value should be); optional keys are
+# checked when present, since runs record more with --probe, --cka and --relearn. The four metrics are finite:
+# the forget, retain and test sets of a run are never empty.
+RECORD_REQUIRED = {"arch": one_of(ARCHS), "method": of_type(str, "a method name"), "seed": whole_number,
+                   "preset": one_of(PRESETS), "forget": of_type(str, "a forget tag"), "UA": PERCENT,
+                   "RA": PERCENT, "TA": PERCENT, "MIA_efficacy": PERCENT, "RTE_s": SECONDS, "seconds": SECONDS,
+                   "fingerprint": fingerprint_check}
+RECORD_OPTIONAL = {"peak_gpu_mem_mb": or_none(within(0, math.inf)), "probe_UA": or_none(within(0, 100, nan=True)),
+                   "probe_TA": or_none(within(0, 100, nan=True)), "CKA_forget": or_none(within(-1, 1.001, nan=True)),
+                   "CKA_retain": or_none(within(-1, 1.001, nan=True)), "relearn_steps": or_none(whole_number),
+                   "device": or_none(of_type(str, "a device name")), "created": or_none(of_type(str, "a date")),
+                   "model_sha256": sha256_check, "curve": of_type(list, "a list of points")}
+
+
+def record_problem(record):
+    """What is wrong with a parsed run record (e.g. "UA is missing", "UA is 150 (should be a number in [0, 100])"),
+    None when it is whole."""
+    if not isinstance(record, dict):
+        return f"it holds a {type(record).__name__}, not a run record"
+    required = {**RECORD_REQUIRED, **({"model_sha256": sha256_check} if record.get("method") == "original" else {})}
+    for key, check in {**RECORD_OPTIONAL, **required}.items():
+        if key not in record:
+            if key in required:
+                return f"{key} is missing"
+            continue
+        expected = check(record[key])
+        if expected:
+            return f"{key} is {json.dumps(record[key])[:40]} (should be {expected})"
+    return None
+
+
 def read_record(path):
-    """The run record at path, or None when there is none; an unreadable one is a one-line error."""
+    """The run record at path, or None when there is none; one that cannot be read, or that breaks its schema
+    (RECORD_REQUIRED, RECORD_OPTIONAL), is a DamagedFile error naming it and what to do."""
     path = Path(path)
     if not path.exists():
         return None
     try:
         record = json.loads(path.read_text())
+        problem = record_problem(record)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"run record {path} is unreadable ({type(error).__name__}): restore it "
-                        f"(git checkout -- {path}) or delete it to rerun that run") from None
-    if not isinstance(record, dict) or not {"method", "seed", "arch"} <= set(record):
-        raise UserError(f"run record {path} is not a run record of this project: restore it "
-                        f"(git checkout -- {path}) or delete it to rerun that run")
+        problem = f"unreadable ({type(error).__name__})"
+    if problem:
+        error = DamagedFile(f"run record {path} is damaged: {problem}; restore it (git checkout -- {path}), or "
+                            f"rerun with --rerun-stale to run it again")
+        error.problem = f"run record {path} is damaged: {problem}"
+        raise error from None
     return record
 
 
@@ -286,74 +367,95 @@ def bench_speeds(device, preset):
 # ----------------------------------------------------------------------------------------- locks
 
 class UnitLock:
-    """A lock file created atomically (O_CREAT | O_EXCL) holding pid, host and SLURM job id; `acquire()` returns
-    None on success, else a description of the holder. A lock left by a dead process on this host, or by an
-    earlier attempt of this same SLURM job (requeued, perhaps on another node), is taken over."""
+    """A lock file holding pid, host and SLURM job id; `acquire()` returns None on success, else a description of
+    the holder.
+
+    The lock is created whole or not at all (files.create_new: written aside, then hard-linked into place), so a
+    lock file is never empty or half-written, and a creation that fails (a full disk) leaves nothing. A lock that
+    names a dead process on this host or an earlier attempt of this same SLURM job (requeued, perhaps on another
+    node), or that is empty or unreadable (damaged: no process of this project leaves one so), is taken over, with
+    a line saying so."""
 
     def __init__(self, path):
         self.path = Path(path)
         self.held = False
 
-    def _holder(self):
+    def _read(self):
+        """(the lock's bytes or None when unreadable, its holder or None when damaged); None when there is none."""
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None  # being written by its creator, or just removed
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return None, None
+        try:
+            holder = json.loads(raw)
+        except ValueError:
+            return raw, None
+        if isinstance(holder, dict) and isinstance(holder.get("pid"), int) and isinstance(holder.get("host"), str):
+            return raw, holder
+        return raw, None
 
-    def _stale(self, holder):
-        if not holder:
-            return False
+    def _why_stale(self, raw, holder):
+        """Why the lock may be taken over; None when its holder may be alive."""
+        if holder is None:
+            return "it is unreadable" if raw is None else "it is empty" if not raw.strip() else "it is damaged"
         job = os.environ.get("SLURM_JOB_ID")
         if job and holder.get("slurm_job") == job:
-            return True
-        if holder.get("host") != socket.gethostname():
-            return False
+            return f"it names an earlier attempt of this SLURM job ({job})"
+        if holder["host"] != socket.gethostname():
+            return None
         try:
             os.kill(holder["pid"], 0)
         except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+            return f"it names pid {holder['pid']} on this host, which is no longer running"
+        except (PermissionError, OverflowError):
+            return None
+        return None
 
     def acquire(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if self._stale(holder):
-                    self._take_over(holder)
-                    continue
-                if holder is None:
-                    return f"{self.path} (being created)"
+        content = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                              "slurm_job": os.environ.get("SLURM_JOB_ID"),
+                              "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+        for _ in range(3):
+            if create_new(self.path, content):
+                self.held = True
+                return None
+            found = self._read()
+            if found is None:
+                continue  # released in the meantime
+            raw, holder = found
+            why = self._why_stale(raw, holder)
+            if why is None:
                 return f"{self.path} by pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
-            with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                           "slurm_job": os.environ.get("SLURM_JOB_ID"), "since": time.strftime("%Y-%m-%d %H:%M:%S")},
-                          f)
-            self.held = True
-            return None
+            if self._take_over(raw):
+                print(f"taking over the lock {self.path}: {why}", flush=True)
         return f"{self.path} (contended)"
 
-    def _take_over(self, holder):
-        """Remove a dead process's lock, unless another process replaced it in the meantime."""
+    def _take_over(self, raw):
+        """Remove the stale lock whose bytes were raw, unless another process replaced it in the meantime."""
         moved = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
         try:
             os.rename(self.path, moved)
         except FileNotFoundError:
-            return
+            return False
+        except OSError as error:
+            raise write_error(self.path, error) from None
         try:
-            if json.loads(moved.read_text()) != holder:
+            if raw is not None and moved.read_bytes() != raw:
                 os.replace(moved, self.path)  # a live lock: put it back
-        except (OSError, ValueError):
+                return False
+        except OSError:
             pass
         moved.unlink(missing_ok=True)
+        return True
 
     def release(self):
         if self.held:
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as error:  # e.g. the folder became read-only: the lock is taken over once we are gone
+                print(f"warning: cannot remove the lock {self.path}: {error.strerror}", file=sys.stderr)
             self.held = False
 
 
@@ -364,8 +466,9 @@ def unit_lock(unit, preset, spec):
 # ------------------------------------------------------------------------------------ running units
 
 def run_child(command):
-    """Run command to its end; (exit status, output). On Ctrl-C or SIGTERM the child is terminated first."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """Run command to its end; (exit status, output). On Ctrl-C or SIGTERM the child is terminated first; when
+    this process dies otherwise (SIGKILL), the child stops too (processes.start_child)."""
+    process = start_child(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         output, _ = process.communicate()
     except BaseException:
@@ -395,6 +498,41 @@ class Sweep:
     def __init__(self, args, spec, data_hash, data_cache):
         self.args, self.spec, self.data_hash, self.data_cache = args, spec, data_hash, data_cache
         self.kept = []  # records written by this call
+        self.damaged = set()  # damaged files on file that this call runs again
+
+    def say_once(self, path, text):
+        if path not in self.damaged:
+            self.damaged.add(path)
+            print(text, flush=True)
+
+    def redo_damaged(self, path, problem):
+        """Under --force or --rerun-stale a damaged record counts as missing, so its run is redone (said once);
+        otherwise it is an error."""
+        if not (self.args.force or getattr(self.args, "rerun_stale", False)):
+            return False
+        self.say_once(path, f"{problem}: running it again")
+        return True
+
+    def read(self, path):
+        """read_record(path), or None for a damaged record that redo_damaged says to run again."""
+        try:
+            return read_record(path)
+        except DamagedFile as damaged:
+            if self.redo_damaged(path, damaged.problem):
+                return None
+            raise
+
+    def records(self):
+        """{path: record} of every run record on file (all_records), less the damaged ones run again."""
+        return {path: record for path in sorted(RUNS_DIR.glob("*.json")) if (record := self.read(path)) is not None}
+
+    def checkpoint_hash(self, path):
+        """model_sha256(path), or None for a damaged checkpoint: the sweep made it, so it trains it again."""
+        try:
+            return model_sha256(path)
+        except DamagedFile:
+            self.say_once(path, f"checkpoint {path} is damaged (it does not load): training it again")
+            return None
 
     def expected(self, run, original_hash=None):
         return fingerprint(run, self.args.preset, self.data_hash, self.args.data_label, self.args.device,
@@ -403,13 +541,13 @@ class Sweep:
     def check(self, run, original_hash=None):
         """Plan keys in which run's record differs from the plan (None: no record), for a method run against
         the original model of that hash."""
-        record = read_record(run.record)
+        record = self.read(run.record)
         return None if record is None else differences(record, self.expected(run, original_hash))
 
     def original_hash(self, arch, seed):
         """The model hash in the record of the original model of arch and seed, if that record matches the plan."""
         original = make_run(arch, "original", seed, self.args, self.spec)
-        record = read_record(original.record)
+        record = self.read(original.record)
         if record is None or differences(record, self.expected(original)):
             return None
         return record.get("model_sha256")
@@ -457,7 +595,7 @@ class Sweep:
         recorded = None if self.args.force else self.original_hash(unit.arch, unit.seed)
         todo = [run for run in methods if self.needs_run(run, recorded)]
         if recorded is None or (todo and not (original.checkpoint.is_file()
-                                              and model_sha256(original.checkpoint) == recorded)):
+                                              and self.checkpoint_hash(original.checkpoint) == recorded)):
             return unit.runs
         return todo
 

@@ -270,7 +270,8 @@ common.cli(lambda argv: launch.launch_units(args, ["u1", "u2", "u3"], lambda nam
                                  "--log-dir", str(logs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     started = [logs / "u1.log", logs / "u2.log"]
-    while time.monotonic() < deadline and not all(log.is_file() and "started" in log.read_text() for log in started):
+    while time.monotonic() < deadline and not all(log.is_file() and "started" in log.read_text().splitlines()
+                                                  for log in started):
         time.sleep(0.1)
     launcher.send_signal(signal.SIGTERM)
     _, err = launcher.communicate(timeout=60)
