@@ -90,6 +90,7 @@ from .settings import (
     DEFAULT_FORGET_CLASS,
     DIVERGENCE_CHECK_STEPS,
     EVAL_BATCH_SIZE,
+    GPU_SHAPED_ENV,
     IMAGE_SIZE,
     LORA_DEFAULTS,
     MIA_MAX_SAMPLES,
@@ -103,6 +104,7 @@ from .settings import (
     RESULTS_DIR,
     SMOKE,
     WEIGHTS_DIR,
+    gpu_shaped,
     preset_recipe,
 )
 from .training import (

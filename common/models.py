@@ -6,7 +6,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet, resnet50
 
 from .errors import UserError
-from .settings import ARCHS, IMAGE_SIZE, NUM_CLASSES
+from .settings import ARCHS, IMAGE_SIZE, NUM_CLASSES, gpu_shaped
 
 
 def _cifar_stem(model):
@@ -42,8 +42,13 @@ def build_model(arch, preset="full"):
 
 def to_device(model, device):
     """model on device, with channels-last weights on GPU to match normalize()'s channels-last batches."""
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
+    return with_device_layout(model.to(device))
+
+
+def with_device_layout(model):
+    """model with channels-last 4-D weights where its device takes the GPU's path (settings.gpu_shaped), else as it
+    is. Called again after anything that makes new weights (physical pruning, LoRA adapters): they come contiguous."""
+    return model.to(memory_format=torch.channels_last) if gpu_shaped(next(model.parameters()).device) else model
 
 
 def count_parameters(model, trainable_only=False):
