@@ -58,10 +58,11 @@ from .files import check_writable, write_json, written
 from .forget import ForgetSpec, Splits, check_splits, forget_spec_from_args, make_splits
 from .measure import AccuracyCurve, Measure, default_eval_every, warm_up, warm_up_on
 from .metrics import METRIC_KEYS, accuracy, evaluate_model, mia_efficacy, predict
-from .models import SlimResNet, build_model, count_parameters, to_device
+from .models import SlimResNet, build_model, count_parameters, to_device, with_device_layout
 from .pruning import (
     batchnorm_after,
     import_torch_pruning,
+    make_masks_permanent,
     model_cost,
     output_mask,
     prune,
