@@ -39,7 +39,7 @@ from .arguments import (
     unit_interval_open_below,
     with_overrides,
 )
-from .baselines import RandomLabelBatches, distill_kl, l1_norm, random_other_labels, saliency_mask
+from .baselines import RandomLabelBatches, add_l1_gradient, distill_kl, l1_norm, random_other_labels, saliency_mask
 from .checkpoints import (
     NAMED_OR_NEUTRAL_FLAGS,
     device_name,
