@@ -22,6 +22,11 @@ class CIFAR10:
     test_images: torch.Tensor
     test_labels: torch.Tensor
 
+    @property
+    def resident_mb(self):
+        """Memory the four tensors hold on their device, in MiB."""
+        return sum(t.numel() * t.element_size() for t in vars(self).values()) / 2**20
+
 
 def _read_batch(path):
     """(images uint8 [N, 3, 32, 32], labels int64 [N]) of one CIFAR-10 pickle, checked; a UserError names the file."""
