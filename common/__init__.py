@@ -58,7 +58,7 @@ from .files import check_writable, write_json, written
 from .forget import ForgetSpec, Splits, check_splits, forget_spec_from_args, make_splits
 from .measure import AccuracyCurve, Measure, default_eval_every, warm_up, warm_up_on
 from .metrics import METRIC_KEYS, accuracy, evaluate_model, mia_efficacy, predict
-from .models import SlimResNet, build_model, count_parameters, to_device, with_device_layout
+from .models import SlimResNet, build_model, count_parameters, is_channels_last, keep_layout, to_device
 from .pruning import (
     batchnorm_after,
     import_torch_pruning,

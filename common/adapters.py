@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from .errors import UserError
-from .models import with_device_layout
+from .models import is_channels_last, keep_layout
 from .pruning import make_masks_permanent, output_mask, pruned_layers
 from .settings import LORA_DEFAULTS
 
@@ -49,6 +49,7 @@ def add_lora(model, settings, example_input):
     that the backward pass keeps. With dropout the cast stays, since dropout on bf16 draws other masks."""
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=settings.targets, modules_to_save=settings.train_full or None)
+    channels_last = is_channels_last(model)
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as error:
@@ -62,7 +63,7 @@ def add_lora(model, settings, example_input):
                 row_mask = output_mask(base).view(-1, *[1] * (lora_b.weight.dim() - 1)).expand_as(lora_b.weight)
                 torch_prune.custom_from_mask(lora_b, "weight", row_mask.clone())
     make_masks_permanent(peft_model)
-    peft_model = with_device_layout(peft_model)  # peft makes the adapter weights contiguous
+    peft_model = keep_layout(peft_model, channels_last)  # peft makes the adapter weights contiguous
     _assert_called(peft_model, adapters, example_input)
     return peft_model
 

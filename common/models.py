@@ -42,13 +42,20 @@ def build_model(arch, preset="full"):
 
 def to_device(model, device):
     """model on device, with channels-last weights on GPU to match normalize()'s channels-last batches."""
-    return with_device_layout(model.to(device))
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if gpu_shaped(device) else model
 
 
-def with_device_layout(model):
-    """model with channels-last 4-D weights where its device takes the GPU's path (settings.gpu_shaped), else as it
-    is. Called again after anything that makes new weights (physical pruning, LoRA adapters): they come contiguous."""
-    return model.to(memory_format=torch.channels_last) if gpu_shaped(next(model.parameters()).device) else model
+def is_channels_last(model):
+    """Whether model's convolution weights are channels-last (as to_device leaves them on the GPU's path)."""
+    return any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+               for p in model.parameters())
+
+
+def keep_layout(model, channels_last):
+    """model back in channels-last after something made new, contiguous weights (torch-pruning, peft), if its
+    weights were channels-last before (is_channels_last)."""
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def count_parameters(model, trainable_only=False):

@@ -4,7 +4,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from .errors import UserError
-from .models import count_parameters, with_device_layout
+from .models import count_parameters, is_channels_last, keep_layout
 from .settings import IMAGE_SIZE, PRUNE_AMOUNT
 
 
@@ -80,6 +80,7 @@ def prune_physically(model, amount=PRUNE_AMOUNT):
     else:
         ignored, unwrapped = [model.fc], None
     tp = import_torch_pruning()
+    channels_last = is_channels_last(model)
     device = next(model.parameters()).device
     example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
     training = model.training
@@ -87,7 +88,7 @@ def prune_physically(model, amount=PRUNE_AMOUNT):
     pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                   pruning_ratio=amount, ignored_layers=ignored, unwrapped_parameters=unwrapped)
     pruner.step()
-    return with_device_layout(model.train(training))  # the pruned weights are new, contiguous tensors
+    return keep_layout(model.train(training), channels_last)  # the pruned weights are new, contiguous tensors
 
 
 def resize_to_state(model, state):

@@ -142,6 +142,12 @@ def test_channels_last_survives_prune_and_lora(prepare, gpu_shaped):
     assert len(layouts) >= 17 and all(x and w for x, w in layouts)  # 17: the smoke ResNet's own convolutions
 
 
+def test_a_contiguous_model_stays_contiguous_through_physical_pruning_and_lora(gpu_shaped):
+    model = common.build_model("resnet50", "smoke")  # not through to_device: the layout it was built in
+    model = common.add_lora(common.prune(model, mode="physical"), lora_settings(model), example())
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
 def test_augmentation_keeps_channels_last(gpu_shaped):
     data = tiny_data()
     batches = common.Batches(data.train_images, data.train_labels, torch.arange(40), batch_size=8, augment=True)
