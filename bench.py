@@ -11,6 +11,7 @@ channels-last on GPU). pruneft and loraprune also run with --prune-mode physical
 with their parameter and MAC counts. Pretraining throughput and the time evaluate.py takes on one
 checkpoint (UA, RA, TA, MIA-efficacy) are measured once per arch. Writes bench/results.json and results.md.
 """
+import contextlib
 import copy
 import datetime
 import tempfile
@@ -37,7 +38,7 @@ PREPARE = {
 REFERENCE_LOADER = {"batch_size": 128, "shuffle": True, "num_workers": 2}
 PRETRAIN_STEPS = {"full": 50, "smoke": 2}
 COLUMNS = {"arch": "arch", "task": "task", "method": "method", "prune_mode": "prune mode", "style": "style",
-           "seconds": "seconds", "compile_s": "compile s", "images_per_s": "images/s",
+           "seconds": "seconds", "compile_s": "compile s", "recompiles": "recompiles", "images_per_s": "images/s",
            "peak_gpu_mem_mb": "peak GPU MB", "speedup": "speed-up (b)/(a)", "params": "params", "macs": "MACs"}
 
 
@@ -125,21 +126,40 @@ def run_unlearning(args, arch, method, style, prune_mode, source, data, data_cpu
     model = model.to(device) if style == "reference" else common.to_device(model, device)
     with common.Measure(device) as prepare:
         model = PREPARE[method](model, ctx)
-    trained = model
-    if style == "project" and args.compile:
-        trained = torch.compile(model)
-        compile_s = warm_up_compiled(trained, ctx.retain_batches())
-    loader = reference_loader(data_cpu, splits.retain_idx, batch_size, 0) if style == "reference" else None
-    with common.Measure(device) as measure:
-        if style == "reference":
-            train_reference(trained, loader, args.epochs, ctx.lr, device)
-        else:
-            common.train(trained, ctx.retain_batches(), args.epochs, ctx.lr, desc=method)
+    trained, compiles = model, {}
+    compiling = style == "project" and args.compile
+    with counting_compiles(compiles) if compiling else contextlib.nullcontext():
+        if compiling:
+            trained = torch.compile(model, backend=common.COMPILE_BACKEND)
+            compile_s = warm_up_compiled(trained, ctx.retain_batches())
+        loader = reference_loader(data_cpu, splits.retain_idx, batch_size, 0) if style == "reference" else None
+        with common.Measure(device) as measure:
+            if style == "reference":
+                train_reference(trained, loader, args.epochs, ctx.lr, device)
+            else:
+                common.train(trained, ctx.retain_batches(), args.epochs, ctx.lr, desc=method)
     seconds = prepare.seconds + measure.seconds
     images = len(splits.retain_idx) * args.epochs
     return {"arch": arch, "task": "unlearn", "method": method, "prune_mode": ctx.prune_mode, "style": style,
-            "seconds": seconds, "compile_s": compile_s, "images_per_s": images / seconds,
+            "seconds": seconds, "compile_s": compile_s, **compiles, "images_per_s": images / seconds,
             "peak_gpu_mem_mb": measure.peak_gpu_mem_mb, **common.model_cost(common.finalize(model))}
+
+
+@contextlib.contextmanager
+def counting_compiles(row):
+    """One bench row's compilation, from a fresh Dynamo (no caches or recompile counts left by earlier rows), with
+    the recompile limit an error instead of a silent fall-back to eager; puts the row's graph compilations and
+    recompilations (compilations of an already compiled frame) into row."""
+    torch._dynamo.reset()
+    compiled_per_frame = torch._dynamo.convert_frame.FRAME_COMPILE_COUNTER
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            yield
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        raise common.UserError(f"--compile: a row recompiled past torch._dynamo.config.recompile_limit "
+                               f"({torch._dynamo.config.recompile_limit}) and would have run eager") from None
+    row.update(compiles=sum(compiled_per_frame.values()),
+               recompiles=sum(count - 1 for count in compiled_per_frame.values()))
 
 
 def warm_up(source, data, device):
@@ -209,7 +229,8 @@ def print_row(row):
     parts = [f"{row['arch']:<8} {row['task']:<8} {row.get('method') or '-':<9} {row.get('prune_mode') or '-':<8} "
              f"{row['style']:<9} {row['seconds']:8.2f} s {row['images_per_s']:9.1f} img/s"]
     if row.get("compile_s") is not None:
-        parts.append(f"compile {row['compile_s']:.1f} s")
+        parts.append(f"compile {row['compile_s']:.1f} s ({row['compiles']} compilations, "
+                     f"{row['recompiles']} recompilations)")
     if row.get("peak_gpu_mem_mb") is not None:
         parts.append(f"peak {row['peak_gpu_mem_mb']:.0f} MB")
     if row.get("speedup") is not None:

@@ -4,7 +4,9 @@
 
 Unlearn-Sparse's FT_prune (optim/unlearn/FT.py): in epoch e the loss is CE + alpha * (1 - e / (E - no_l1)) * |w|_1
 for e < E - no_l1 and plain CE after. Defaults: 10 epochs, lr 0.01, batch 256, SGD with momentum 0.9 and weight
-decay 5e-4 (README.MD, arg_parser.py); alpha 1e-4 (the README section Baselines gives its source).
+decay 5e-4 (README.MD, arg_parser.py); alpha 1e-4 (the README section Baselines gives its source). The
+penalty's gradient, its weight times sign(w), is added to the gradients after the backward pass of CE, in two
+multi-tensor ops; it is the gradient autograd would give for the penalty.
 """
 import common
 
@@ -26,15 +28,17 @@ def unlearn(model, ctx):
 def fit(model, ctx):
     args = ctx.args
     ctx.hyperparameters = {"l1_alpha": args.l1_alpha, "no_l1_epochs": args.no_l1_epochs, "optimizer": "sgd"}
-    optimizer = common.make_sgd(model.parameters(), ctx.lr)
+    params = list(model.parameters())
+    optimizer = common.make_sgd(params, ctx.lr)
     batches = ctx.retain_batches()
     for epoch in range(ctx.epochs):
         weight = l1_weight(args.l1_alpha, epoch, ctx.epochs, args.no_l1_epochs)
 
-        def loss_fn(model, inputs, labels, weight=weight):
-            return common.cross_entropy(model, inputs, labels) + weight * common.l1_norm(model)
+        def add_penalty_gradient(weight=weight):
+            common.add_l1_gradient(params, weight)
 
-        common.train(model, batches, 1, loss_fn=loss_fn, optimizer=optimizer, desc=f"l1sparse epoch {epoch + 1}")
+        common.train(model, batches, 1, optimizer=optimizer, before_step=add_penalty_gradient,
+                     desc=f"l1sparse epoch {epoch + 1}")
     return model
 
 

@@ -33,12 +33,15 @@ def fit(model, ctx):
     frozen = {name: params[name].detach()[~keep].clone() for name, keep in mask.items()}
     weight_decay = common.BASELINE_SGD["weight_decay"]
 
-    def masked_gradient():
+    masked = [(params[name], keep) for name, keep in mask.items()]
+
+    def masked_gradient():  # grad = (grad + weight_decay * w) * mask, in two multi-tensor ops for all parameters
         with torch.no_grad():
-            for name, keep in mask.items():
-                param = params[name]
-                if param.grad is not None:
-                    param.grad.add_(param, alpha=weight_decay).mul_(keep)
+            with_grad = [(param.grad, param, keep) for param, keep in masked if param.grad is not None]
+            if with_grad:
+                grads, weights, keeps = map(list, zip(*with_grad, strict=True))
+                torch._foreach_add_(grads, weights, alpha=weight_decay)
+                torch._foreach_mul_(grads, keeps)
 
     optimizer = common.make_sgd(model.parameters(), ctx.lr, weight_decay=0.0)
     batches = common.RandomLabelBatches(ctx.forget_batches(), ctx.retain_batches(), seed=ctx.args.seed)

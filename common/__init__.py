@@ -40,7 +40,7 @@ from .arguments import (
     unit_interval_open_below,
     with_overrides,
 )
-from .baselines import RandomLabelBatches, distill_kl, l1_norm, random_other_labels, saliency_mask
+from .baselines import RandomLabelBatches, add_l1_gradient, distill_kl, l1_norm, random_other_labels, saliency_mask
 from .checkpoints import (
     NAMED_OR_NEUTRAL_FLAGS,
     device_name,
@@ -69,11 +69,12 @@ from .files import atomic_write, check_writable, save_figure, write_bytes, write
 from .forget import ForgetSpec, Splits, check_splits, forget_spec_from_args, make_splits
 from .measure import AccuracyCurve, Measure, default_eval_every, warm_up, warm_up_on
 from .metrics import METRIC_KEYS, accuracy, evaluate_model, mia_efficacy, predict
-from .models import SlimResNet, build_model, count_parameters, to_device
+from .models import SlimResNet, build_model, count_parameters, is_channels_last, keep_layout, to_device
 from .processes import check_parent_alive, start_child
 from .pruning import (
     batchnorm_after,
     import_torch_pruning,
+    make_masks_permanent,
     model_cost,
     output_mask,
     prune,
@@ -102,6 +103,7 @@ from .settings import (
     DEFAULT_FORGET_CLASS,
     DIVERGENCE_CHECK_STEPS,
     EVAL_BATCH_SIZE,
+    GPU_SHAPED_ENV,
     IMAGE_SIZE,
     LORA_DEFAULTS,
     MIA_MAX_SAMPLES,
@@ -115,6 +117,7 @@ from .settings import (
     RESULTS_DIR,
     SMOKE,
     WEIGHTS_DIR,
+    gpu_shaped,
     preset_recipe,
 )
 from .training import (

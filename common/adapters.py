@@ -4,10 +4,12 @@ from dataclasses import dataclass
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
+from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from .errors import UserError
-from .pruning import output_mask, pruned_layers
+from .models import is_channels_last, keep_layout
+from .pruning import make_masks_permanent, output_mask, pruned_layers
 from .settings import LORA_DEFAULTS
 
 
@@ -38,20 +40,30 @@ def add_lora(model, settings, example_input):
     """Freeze the model and attach peft LoRA adapters; checks that every adapter is called in forward.
 
     Adapters on a pruned layer have their output rows masked like the layer, so merging keeps pruned
-    channels at zero and the merged model computes exactly what the adapted one did."""
+    channels at zero and the merged model computes exactly what the adapted one did. The frozen base layers' masks
+    are then made permanent, so no step recomputes a masked weight that never changes.
+
+    peft casts an adapter's input to the adapter weights' dtype (fp32). Without adapter dropout (--lora-dropout 0,
+    where peft puts nn.Identity) that cast is switched off: under bf16 autocast the adapter's convolution or linear
+    layer casts the input back to bf16, so the cast changes no value but makes a copy of every adapted layer's input
+    that the backward pass keeps. With dropout the cast stays, since dropout on bf16 draws other masks."""
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=settings.targets, modules_to_save=settings.train_full or None)
+    channels_last = is_channels_last(model)
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as error:
         raise UserError(f"LoRA targets {settings.targets!r}: {error}".splitlines()[0]) from None
     adapters = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
     for adapter in adapters:
+        adapter.cast_input_dtype_enabled = any(isinstance(d, nn.Dropout) for d in adapter.lora_dropout.values())
         base = adapter.get_base_layer()
         if hasattr(base, "weight_mask"):
             for lora_b in adapter.lora_B.values():
                 row_mask = output_mask(base).view(-1, *[1] * (lora_b.weight.dim() - 1)).expand_as(lora_b.weight)
                 torch_prune.custom_from_mask(lora_b, "weight", row_mask.clone())
+    make_masks_permanent(peft_model)
+    peft_model = keep_layout(peft_model, channels_last)  # peft makes the adapter weights contiguous
     _assert_called(peft_model, adapters, example_input)
     return peft_model
 

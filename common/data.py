@@ -1,5 +1,6 @@
 """CIFAR-10 on the device: the standard pickles read and checked, normalisation, augmentation and batches
 drawn from a device-side permutation (no DataLoader)."""
+import functools
 import hashlib
 import pickle
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 import torchvision
 
 from .errors import UserError
-from .settings import CIFAR_MEAN, CIFAR_STD, IMAGE_SIZE, NUM_CLASSES, SMOKE
+from .settings import CIFAR_MEAN, CIFAR_STD, IMAGE_SIZE, NUM_CLASSES, SMOKE, gpu_shaped
 
 
 @dataclass
@@ -21,6 +22,11 @@ class CIFAR10:
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
+
+    @property
+    def resident_mb(self):
+        """Memory the four tensors hold on their device, in MiB."""
+        return sum(t.numel() * t.element_size() for t in vars(self).values()) / 2**20
 
 
 def _read_batch(path):
@@ -116,27 +122,36 @@ def _md5(path):
         return None
 
 
+@functools.cache
+def _normalization(device):
+    """CIFAR-10's mean and std as [1, 3, 1, 1] tensors on device, made once: building them per batch would be two
+    host-to-device copies per training step. Read only, never written."""
+    return tuple(torch.tensor(values, device=device).view(1, 3, 1, 1) for values in (CIFAR_MEAN, CIFAR_STD))
+
+
 def normalize(images):
-    """uint8 [B, 3, H, W] on any device -> normalised float, channels-last on GPU."""
-    mean = torch.tensor(CIFAR_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=images.device).view(1, 3, 1, 1)
-    x = (images.float() / 255 - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+    """uint8 [B, 3, H, W] on any device -> normalised float, channels-last on the GPU's path (settings.gpu_shaped)."""
+    mean, std = _normalization(images.device)
+    if gpu_shaped(images.device):  # reorder the uint8 bytes, not the floats; the arithmetic keeps the layout
+        images = images.contiguous(memory_format=torch.channels_last)
+    return (images.float() / 255 - mean) / std
 
 
 def augment(x, generator, pad=4):
-    """Random crop (reflect padding) and horizontal flip of a normalised batch, on its device."""
+    """Random crop (reflect padding) and horizontal flip of a normalised batch, on its device, in its layout."""
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     dy = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device, generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n, 1), device=x.device, generator=generator)
-    rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    channel = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    cropped = padded[batch, channel, rows, cols]
+    rows = (dy + torch.arange(h, device=x.device))[:, :, None]
+    cols = (dx + torch.arange(w, device=x.device))[:, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    # The crop is gathered pixel by pixel from the [N, H, W, C] view, so it comes out channels-last; a contiguous
+    # batch is given back contiguous.
+    cropped = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
     flip = torch.rand(n, device=x.device, generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return torch.where(flip[:, None, None, None], cropped.flip(3), cropped).contiguous(memory_format=layout)
 
 
 class Batches:

@@ -1,4 +1,5 @@
 """Measuring a run: the untimed warm-up, the timed block (RTE, peak GPU memory) and time-to-accuracy curves."""
+import gc
 import time
 
 import torch
@@ -85,21 +86,32 @@ def warm_up_on(model, data, idx, batch_size):
 
 
 class Measure:
-    """Times a block (device synchronised) and records its peak GPU memory; `with Measure(device) as m:`."""
+    """Times a block (device synchronised) and records its peak GPU memory above what was allocated when it began,
+    after a garbage collection (leftovers of earlier in-process runs, such as torch-pruning's reference cycles, are
+    freed first). `with Measure(device) as m:`. Entered again, the seconds add up and what the earlier blocks left
+    allocated counts towards the later blocks' peaks, so the peak stays relative to the first block's start.
+    baseline_gpu_mem_mb is what was resident then (model, data, a teacher copy)."""
 
     def __init__(self, device):
         self.device = torch.device(device)
-        self.seconds, self.peak_gpu_mem_mb = None, None
+        self.seconds, self.peak_gpu_mem_mb, self.baseline_gpu_mem_mb = None, None, None
+        self._left_allocated = 0  # bytes the earlier blocks allocated and did not free
 
     def __enter__(self):
         if self.device.type == "cuda":
+            gc.collect()
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._start_bytes = torch.cuda.memory_allocated(self.device)
+            if self.baseline_gpu_mem_mb is None:
+                self.baseline_gpu_mem_mb = self._start_bytes / 2**20
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak_gpu_mem_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        self.seconds = time.perf_counter() - self.start
+            peak = torch.cuda.max_memory_allocated(self.device) - self._start_bytes + self._left_allocated
+            self.peak_gpu_mem_mb = max(self.peak_gpu_mem_mb or 0.0, peak / 2**20)
+            self._left_allocated += torch.cuda.memory_allocated(self.device) - self._start_bytes
+        self.seconds = (self.seconds or 0.0) + time.perf_counter() - self.start

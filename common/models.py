@@ -6,7 +6,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet, resnet50
 
 from .errors import UserError
-from .settings import ARCHS, IMAGE_SIZE, NUM_CLASSES
+from .settings import ARCHS, IMAGE_SIZE, NUM_CLASSES, gpu_shaped
 
 
 def _cifar_stem(model):
@@ -43,7 +43,19 @@ def build_model(arch, preset="full"):
 def to_device(model, device):
     """model on device, with channels-last weights on GPU to match normalize()'s channels-last batches."""
     model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
+    return model.to(memory_format=torch.channels_last) if gpu_shaped(device) else model
+
+
+def is_channels_last(model):
+    """Whether model's convolution weights are channels-last (as to_device leaves them on the GPU's path)."""
+    return any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+               for p in model.parameters())
+
+
+def keep_layout(model, channels_last):
+    """model back in channels-last after something made new, contiguous weights (torch-pruning, peft), if its
+    weights were channels-last before (is_channels_last)."""
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def count_parameters(model, trainable_only=False):

@@ -4,7 +4,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from .errors import UserError
-from .models import count_parameters
+from .models import count_parameters, is_channels_last, keep_layout
 from .settings import IMAGE_SIZE, PRUNE_AMOUNT
 
 
@@ -18,7 +18,9 @@ def prune_targets(model):
 def prune(model, amount=PRUNE_AMOUNT, mode="mask"):
     """Zero the `amount` share of output channels/features with the smallest L2 norm, per layer.
 
-    The mask stays attached (torch.nn.utils.prune), so pruned weights stay exactly zero while training.
+    The mask stays attached (torch.nn.utils.prune), so pruned weights stay exactly zero while training; it has the
+    weight's dtype and layout, so weight_orig * mask needs no cast and keeps channels-last (make_masks_permanent
+    removes the masks of weights that do not train).
     A layer's bias entries of pruned outputs are masked too, and so are the weight and bias of the BatchNorm
     that normalises its output (every ResNet conv has one), so a pruned unit outputs exactly zero after its
     normalisation, in train and eval mode. mode="physical" removes the channels instead (prune_physically)."""
@@ -28,6 +30,7 @@ def prune(model, amount=PRUNE_AMOUNT, mode="mask"):
     norms = batchnorm_after(model, layers)
     for layer in layers:
         torch_prune.ln_structured(layer, "weight", amount=amount, n=2, dim=0)
+        layer.weight_mask = torch.empty_like(layer.weight_orig).copy_(layer.weight_mask)
         mask = output_mask(layer)
         if layer.bias is not None:
             torch_prune.custom_from_mask(layer, "bias", mask)
@@ -77,6 +80,7 @@ def prune_physically(model, amount=PRUNE_AMOUNT):
     else:
         ignored, unwrapped = [model.fc], None
     tp = import_torch_pruning()
+    channels_last = is_channels_last(model)
     device = next(model.parameters()).device
     example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
     training = model.training
@@ -84,7 +88,7 @@ def prune_physically(model, amount=PRUNE_AMOUNT):
     pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                   pruning_ratio=amount, ignored_layers=ignored, unwrapped_parameters=unwrapped)
     pruner.step()
-    return model.train(training)
+    return keep_layout(model.train(training), channels_last)  # the pruned weights are new, contiguous tensors
 
 
 def resize_to_state(model, state):
@@ -135,4 +139,17 @@ def output_mask(layer):
 
 
 def pruned_layers(model):
-    return [module for module in model.modules() if hasattr(module, "weight_mask")]
+    """Modules with a prune mask attached (on their weight, bias or both)."""
+    return [module for module in model.modules() if hasattr(module, "weight_mask") or hasattr(module, "bias_mask")]
+
+
+def make_masks_permanent(model, frozen_only=True):
+    """Apply the prune masks once and drop them (torch.nn.utils.prune.remove), so the forward uses a plain weight
+    instead of recomputing weight_orig * mask at every step. frozen_only: only for parameters that do not train
+    (a LoRA model's base weights); a trained parameter keeps its mask, which keeps its pruned entries at zero."""
+    for module in pruned_layers(model):
+        for name in ("weight", "bias"):
+            original = getattr(module, f"{name}_orig", None)
+            if original is not None and not (frozen_only and original.requires_grad):
+                torch_prune.remove(module, name)
+    return model

@@ -120,7 +120,8 @@ def run_method(method, unlearn, doc, argv=None, add_arguments=None, fit=train_on
     """Command-line entry of an unlearning script: load the original, unlearn(model, ctx), fit, save.
 
     unlearn prepares the model (prune, attach LoRA, ...) and returns it; fit(model, ctx) trains it
-    (cross-entropy on the retain set unless the method brings its own). Both are timed as the RTE.
+    (cross-entropy on the retain set unless the method brings its own). Both are timed as the RTE; an untimed
+    warm-up on the prepared model runs between them.
     prunes / uses_lora give the script the --prune-* / --lora-* flags; a script without them rejects them."""
     def main(argv):
         parser = make_parser(doc)
@@ -162,12 +163,18 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain, settings=None):
     seed_everything(args.seed)
     print(f"{args.method}: {len(splits.retain_idx)} retain and {len(splits.forget_idx)} forget images, "
           f"{ctx.epochs} epoch(s) on {device_name(device)}", flush=True)
+    # Untimed warm-ups: one for the device's start-up, one on the prepared model (LoRA, pruned shapes), so the
+    # RTE (unlearn + fit) holds neither; each leaves the model exactly as it was.
     warm_up_on(model, data, splits.retain_idx, ctx.batch_size)
-    with Measure(device) as measure:
-        model = fit(unlearn(model, ctx), ctx)
+    measure = Measure(device)
+    with measure:
+        model = unlearn(model, ctx)
+    warm_up_on(model, data, splits.retain_idx, ctx.batch_size)
+    with measure:
+        model = fit(model, ctx)
     model = finalize(model)
     meta = run_meta(args, spec, ctx.epochs, ctx.lr, ctx.batch_size, len(splits.retain_idx), measure)
-    meta.update(source_weights=str(source), prune_amount=ctx.prune_amount,
+    meta.update(source_weights=str(source), data_mem_mb=data.resident_mb, prune_amount=ctx.prune_amount,
                 prune_mode=ctx.prune_mode if ctx.prune_amount else None,
                 lora=asdict(ctx.lora) if ctx.lora else None, settings=settings or {}, **model_cost(model))
     if ctx.hyperparameters:
@@ -183,6 +190,7 @@ def run_meta(args, spec, epochs, lr, batch_size, train_images, measure):
             "forget": spec.to_dict() if spec else None, "seed": args.seed, "epochs": epochs, "lr": lr,
             "batch_size": batch_size, "train_images": train_images, "prune_amount": None, "prune_mode": None,
             "lora": None, "rte_s": measure.seconds, "peak_gpu_mem_mb": measure.peak_gpu_mem_mb,
+            "resident_gpu_mem_mb": measure.baseline_gpu_mem_mb,
             "device": device_name(args.device), "deterministic": getattr(args, "deterministic", False),
             "versions": library_versions(),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
@@ -237,7 +245,8 @@ def run_from_scratch(method, doc, argv=None):
                 train_from_scratch(model, data, idx, recipe, args.seed, desc=method, curve=curve)
             measure.seconds -= curve.eval_seconds  # evaluation points are not training time
             meta = run_meta(args, spec, recipe["epochs"], recipe["lr"], recipe["batch_size"], len(idx), measure)
-            meta.update(recipe=recipe, settings=settings, eval_every=every, curve=curve.points)
+            meta.update(recipe=recipe, settings=settings, eval_every=every, curve=curve.points,
+                        data_mem_mb=data.resident_mb)
             save_checkpoint(out, model, meta)
             test_accuracy = accuracy(predict(model, data.test_images, all_test), data.test_labels)
         report_saved(out, meta)

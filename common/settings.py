@@ -1,6 +1,9 @@
 """Constants and recipes, named once: the data's shape and normalisation, the paper's unlearning recipe,
-the from-scratch recipes, LoRA and pruning defaults, the smoke preset."""
+the from-scratch recipes, LoRA and pruning defaults, the smoke preset, and the switch to the GPU's code paths."""
+import os
 from pathlib import Path
+
+import torch
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 32
@@ -40,6 +43,15 @@ BATCHNORM_MODES = ("train", "frozen")
 EVAL_BATCH_SIZE = 1024
 DIVERGENCE_CHECK_STEPS = 50  # steps between host reads of the non-finite-loss flag (one sync each)
 MIA_MAX_SAMPLES = 5000
+# Set to 1, a CPU takes every branch a GPU takes that a CPU can run (bf16 autocast, channels-last, fused Adam),
+# so CPU tests execute the code a GPU runs.
+GPU_SHAPED_ENV = "UNLEARN_GPU_SHAPED"
+
+
+def gpu_shaped(device):
+    """Whether work on device takes the GPU's code paths: always on CUDA, on a CPU under UNLEARN_GPU_SHAPED=1."""
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get(GPU_SHAPED_ENV) == "1")
 
 
 def preset_recipe(recipe, preset, from_scratch=False):

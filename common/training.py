@@ -11,15 +11,16 @@ from tqdm import tqdm
 
 from .data import Batches
 from .errors import TrainingDiverged, UserError
-from .settings import BASELINE_SGD, DIVERGENCE_CHECK_STEPS, NUM_CLASSES, PAPER_RECIPE, PRETRAIN_OPTIONS
+from .settings import BASELINE_SGD, DIVERGENCE_CHECK_STEPS, NUM_CLASSES, PAPER_RECIPE, PRETRAIN_OPTIONS, gpu_shaped
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend under compile (inductor needs a C++ compiler on CPU)
 
 
 def autocast(device):
-    """bf16 autocast on GPU, plain fp32 elsewhere."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast on GPU (and on a CPU in the GPU-shaped mode, settings.gpu_shaped), plain fp32 elsewhere."""
+    device = torch.device(device)
+    if gpu_shaped(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -28,13 +29,17 @@ def cross_entropy(model, inputs, labels):
 
 
 def make_adam(params, lr):
+    """Adam, fused (one kernel for every parameter, no per-parameter host read of the step) on the GPU's path."""
     params = list(params)
-    return torch.optim.Adam(params, lr=lr, fused=params[0].is_cuda)
+    return torch.optim.Adam(params, lr=lr, fused=gpu_shaped(params[0].device))
 
 
 def make_sgd(params, lr, weight_decay=BASELINE_SGD["weight_decay"]):
-    """SGD with the momentum of the baselines' official code (Unlearn-Sparse, SalUn, SCRUB)."""
-    return torch.optim.SGD(list(params), lr=lr, momentum=BASELINE_SGD["momentum"], weight_decay=weight_decay)
+    """SGD with the momentum of the baselines' official code (Unlearn-Sparse, SalUn, SCRUB); on the GPU's path the
+    multi-tensor (foreach) update that torch picks by default on CUDA."""
+    params = list(params)
+    return torch.optim.SGD(params, lr=lr, momentum=BASELINE_SGD["momentum"], weight_decay=weight_decay,
+                           foreach=gpu_shaped(params[0].device) or None)
 
 
 def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, optimizer=None, scheduler=None,

@@ -133,3 +133,42 @@ def test_distill_kl_is_zero_only_when_student_matches_teacher():
     logits = torch.randn(4, common.NUM_CLASSES)
     assert common.distill_kl(logits, logits, 4.0).item() == pytest.approx(0, abs=1e-6)
     assert common.distill_kl(logits, logits.flip(1), 4.0).item() > 0
+
+
+def test_l1_norm_and_its_gradient_match_the_per_parameter_sum():
+    torch.manual_seed(0)
+    model = common.build_model("resnet50", "smoke").train()
+    with torch.no_grad():
+        model.conv1.weight[0] = 0  # sign(0) = 0, as the gradient of |w| at 0
+    inputs, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
+    start = copy.deepcopy(model.state_dict())
+    per_parameter = sum(p.abs().sum() for p in model.parameters())
+    assert torch.allclose(common.l1_norm(model), per_parameter, rtol=1e-6, atol=0)
+    for weight in (1e-4, 0.37):
+        model.load_state_dict(start)  # the same BatchNorm statistics for both passes
+        (common.cross_entropy(model, inputs, labels) + weight * sum(p.abs().sum() for p in model.parameters())
+         ).backward()
+        expected = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(start)
+        common.cross_entropy(model, inputs, labels).backward()
+        common.add_l1_gradient(list(model.parameters()), weight)
+        assert all(torch.equal(p.grad, e) for p, e in zip(model.parameters(), expected, strict=True))
+        model.zero_grad(set_to_none=True)
+
+
+def test_saliency_sums_the_forget_gradients_per_parameter():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 7), nn.ReLU(), nn.Linear(7, common.NUM_CLASSES))
+    batches = [(torch.randn(5, 3, 4, 4), torch.randint(0, common.NUM_CLASSES, (5,))) for _ in range(3)]
+    summed = [torch.zeros_like(p) for p in model.parameters()]
+    for inputs, labels in batches:
+        model.zero_grad()
+        (-common.cross_entropy(model, inputs, labels)).backward()
+        for total, p in zip(summed, model.parameters(), strict=True):
+            total += p.grad
+    flat = torch.cat([s.abs().flatten() for s in summed])
+    threshold = flat.sort(descending=True).values[round(0.3 * flat.numel()) - 1]
+    mask = common.saliency_mask(model, batches, 0.3)
+    for keep, total in zip(mask.values(), summed, strict=True):
+        assert torch.equal(keep, total.abs() >= threshold)

@@ -133,3 +133,92 @@ def test_bn_flag_decides_whether_batchnorm_statistics_move(script, bn, original_
         assert unchanged == list(before)
     else:
         assert not unchanged
+
+
+def saved_for_backward_bytes(model, inputs, labels):
+    """Bytes of the tensors one bf16-autocast training step keeps for its backward pass, beside the model's own."""
+    resident = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved = {}
+
+    def keep(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = common.cross_entropy(model, inputs, labels)
+    loss.backward()
+    return sum(size for pointer, size in saved.items() if pointer not in resident)
+
+
+def adapted_step(arch, dropout, cast):
+    """(logits, adapter gradients, bytes saved for backward) of one bf16-autocast step, with peft's input cast on
+    or off; the adapter weights are random so that every gradient is nonzero."""
+    torch.manual_seed(0)
+    model = common.build_model(arch, "smoke")
+    adapted = common.add_lora(model, settings_for(arch, model, lora_dropout=dropout), torch.zeros(2, 3, 32, 32))
+    for param in adapted.parameters():
+        if param.requires_grad:
+            nn.init.normal_(param, std=0.05)
+    for module in adapted.modules():
+        if isinstance(module, LoraLayer):
+            module.cast_input_dtype_enabled = cast
+    adapted.train()
+    inputs, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = adapted(inputs)
+        loss = nn.functional.cross_entropy(logits, labels)
+    loss.backward()
+    grads = [p.grad.clone() for p in adapted.parameters() if p.requires_grad]
+    adapted.zero_grad(set_to_none=True)
+    return logits.detach(), grads, saved_for_backward_bytes(adapted, inputs, labels)
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "vit"])
+def test_without_dropout_the_input_cast_is_off_and_changes_no_value(arch):
+    model = common.build_model(arch, "smoke")
+    adapted = common.add_lora(model, settings_for(arch, model, lora_dropout=0.0), torch.zeros(2, 3, 32, 32))
+    adapters = [m for m in adapted.modules() if isinstance(m, LoraLayer)]
+    assert all(isinstance(d, nn.Identity) for a in adapters for d in a.lora_dropout.values())
+    assert not any(a.cast_input_dtype_enabled for a in adapters)
+    cast_logits, cast_grads, cast_saved = adapted_step(arch, 0.0, cast=True)
+    logits, grads, saved = adapted_step(arch, 0.0, cast=False)
+    assert torch.equal(logits, cast_logits)
+    assert all(torch.equal(g, c) for g, c in zip(grads, cast_grads, strict=True))
+    # A convolution's backward keeps its input, so a ResNet adapter can share the base layer's; a frozen linear
+    # layer's backward needs none, so a ViT adapter keeps one copy, the cast's or the input itself.
+    assert saved < cast_saved if arch == "resnet50" else saved == cast_saved
+
+
+def test_with_dropout_peft_keeps_its_input_cast():
+    model = common.build_model("resnet50", "smoke")
+    adapted = common.add_lora(model, settings_for("resnet50", model), torch.zeros(2, 3, 32, 32))
+    adapters = [m for m in adapted.modules() if isinstance(m, LoraLayer)]
+    assert all(isinstance(d, nn.Dropout) and d.p == 0.1 for a in adapters for d in a.lora_dropout.values())
+    assert all(a.cast_input_dtype_enabled for a in adapters)
+
+
+def test_lora_on_a_masked_model_bakes_the_frozen_masks_and_keeps_the_trained_ones(cifar_dir):
+    torch.manual_seed(0)
+    model = common.prune(common.build_model("resnet50", "smoke"), 0.5)
+    masks = {name: module.weight_mask.clone() for name, module in model.named_modules()
+             if isinstance(module, nn.Conv2d)}
+    inputs = common.normalize(common.load_cifar10(cifar_dir, "cpu").test_images[:8])
+    with torch.no_grad():
+        expected = model.eval()(inputs)
+    adapted = common.add_lora(model, settings_for("resnet50", model), torch.zeros(2, 3, 32, 32))
+    base = {name.replace("base_model.model.", "").replace(".base_layer", ""): module
+            for name, module in adapted.named_modules() if isinstance(module, (nn.Conv2d, nn.BatchNorm2d))
+            and "lora_" not in name}
+    assert not any(hasattr(module, "weight_orig") or hasattr(module, "weight_mask") for module in base.values())
+    lora_b = [m for name, m in adapted.named_modules() if name.endswith("lora_B.default")]
+    assert lora_b and all(hasattr(m, "weight_mask") for m in lora_b)  # trained: masked while training
+    for name, mask in masks.items():
+        assert torch.all(base[name].weight[mask == 0] == 0)
+    with torch.no_grad():  # LoRA B starts at zero: the adapted model computes what the masked one did
+        assert torch.equal(adapted.eval()(inputs), expected)
+    batches, _ = tiny_batches(cifar_dir)
+    common.train(adapted, batches, epochs=1, lr=1e-2)
+    merged = common.finalize(adapted)
+    convs = dict(merged.named_modules())
+    for name, mask in masks.items():
+        assert torch.all(convs[name].weight[mask == 0] == 0)

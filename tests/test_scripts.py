@@ -24,7 +24,9 @@ def test_every_script_runs_and_evaluate_reads_what_it_wrote(arch, cifar_dir, wor
     meta = torch.load(workdir / f"model_weights/{arch}-smoke_loraprune.pth", weights_only=True)["meta"]
     assert meta["prune_amount"] == 0.5 and meta["lora"]["rank"] == common.LORA_DEFAULTS[arch]["rank"]
     assert meta["forget"] == common.ForgetSpec().to_dict() and meta["rte_s"] > 0
-    assert meta["peak_gpu_mem_mb"] is None and meta["device"] == "cpu"
+    assert meta["peak_gpu_mem_mb"] is None and meta["resident_gpu_mem_mb"] is None and meta["device"] == "cpu"
+    images = 200 + 100  # the synthetic data's training and test images, uint8 3x32x32 each with an int64 label
+    assert meta["data_mem_mb"] == pytest.approx(images * (3 * 32 * 32 + 8) / 2**20)
     assert run_script("evaluate.py", *paths, "--data", cifar_dir, "--json", "eval.json") == 0
     rows = json.loads((workdir / "eval.json").read_text())
     assert [row["method"] for row in rows] == [p.stem.split("_")[-1] for p in paths]

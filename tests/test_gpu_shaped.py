@@ -1,0 +1,180 @@
+"""The GPU-shaped mode (UNLEARN_GPU_SHAPED=1): a CPU takes the GPU's branches, so these tests run the code a GPU runs:
+bf16 autocast, channels-last, fused Adam, and a training loop without host syncs per step."""
+import argparse
+
+import pytest
+import torch
+from conftest import run_script
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import common
+
+
+@pytest.fixture
+def gpu_shaped(monkeypatch):
+    monkeypatch.setenv(common.GPU_SHAPED_ENV, "1")
+
+
+# Ops that read a device value on the host (a sync on a GPU) or bring host data to the device.
+HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "item"}
+HOST_DATA = {"lift_fresh", "lift_fresh_copy"}
+
+
+class HostTraffic(TorchDispatchMode):
+    """Counts the dispatched ops that would sync or copy between host and device on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads, self.host_data, self.device_changes = [], [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in HOST_READS:
+            self.reads.append(name)
+        if name in HOST_DATA:
+            self.host_data.append(name)
+        if name == "_to_copy" and kwargs.get("device") not in (None, args[0].device):
+            self.device_changes.append(name)
+        if name == "copy_" and args[0].device != args[1].device:
+            self.device_changes.append(name)
+        return func(*args, **kwargs)
+
+
+def smoke_resnet():
+    torch.manual_seed(0)
+    return common.to_device(common.build_model("resnet50", "smoke"), "cpu")
+
+
+def lora_settings(model, dropout=None):
+    args = argparse.Namespace(lora_rank=None, lora_alpha=None, lora_dropout=dropout, lora_targets=None,
+                              lora_train_full=None)
+    return common.lora_settings("resnet50", args, model)
+
+
+def example():
+    return torch.zeros(2, 3, 32, 32)
+
+
+def test_the_switch_turns_on_the_gpu_branches_on_a_cpu(monkeypatch):
+    monkeypatch.delenv(common.GPU_SHAPED_ENV, raising=False)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    plain = (common.autocast("cpu"), common.normalize(images), smoke_resnet().conv1.weight,
+             common.make_adam([nn.Parameter(torch.zeros(2))], 1e-3))
+    monkeypatch.setenv(common.GPU_SHAPED_ENV, "1")
+    shaped = (common.autocast("cpu"), common.normalize(images), smoke_resnet().conv1.weight,
+              common.make_adam([nn.Parameter(torch.zeros(2))], 1e-3))
+    with plain[0]:
+        assert not torch.is_autocast_enabled("cpu")
+    with shaped[0]:
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert plain[1].is_contiguous() and shaped[1].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(plain[1], shaped[1])  # the same values, in the other layout
+    assert plain[2].is_contiguous() and shaped[2].is_contiguous(memory_format=torch.channels_last)
+    assert not plain[3].defaults["fused"] and shaped[3].defaults["fused"]
+
+
+def tiny_data(n=40):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    return common.CIFAR10(images, torch.arange(n) % 10, images[:10], torch.arange(10))
+
+
+def l1_loss(model, inputs, labels):
+    return common.cross_entropy(model, inputs, labels) + 1e-4 * common.l1_norm(model)
+
+
+def pruned_lora(model):
+    return common.add_lora(common.prune(model), lora_settings(model), example())
+
+
+SETUPS = {  # name: (prepare the model, loss, optimizer factory or None for train's fused Adam)
+    "finetune": (lambda model: model, common.cross_entropy, None),
+    "pruneft": (common.prune, common.cross_entropy, None),
+    "loraprune": (pruned_lora, common.cross_entropy, None),
+    "l1sparse": (lambda model: model, l1_loss, lambda model: common.make_sgd(model.parameters(), 0.01)),
+}
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_train_reads_the_host_only_at_the_divergence_checks(setup, gpu_shaped, monkeypatch):
+    prepare, loss_fn, make_optimizer = SETUPS[setup]
+    monkeypatch.setattr(common.training, "DIVERGENCE_CHECK_STEPS", 2)
+    model = prepare(smoke_resnet())
+    data = tiny_data()
+    batches = common.Batches(data.train_images, data.train_labels, torch.arange(40), batch_size=8)  # 5 steps
+    optimizer = make_optimizer(model) if make_optimizer else None
+    traffic = HostTraffic()
+    with traffic:
+        common.train(model, batches, epochs=1, loss_fn=loss_fn, optimizer=optimizer)
+    # steps 2 and 4 and the epoch's end read the divergence flag: one host read each, nothing else
+    assert traffic.reads == ["_local_scalar_dense"] * 3
+    assert traffic.device_changes == []
+    assert len(traffic.host_data) <= 2  # made once per device (normalisation constants), not per step
+
+
+def conv_layouts(model, inputs):
+    """(input is channels-last, weight is channels-last) of every convolution a forward pass runs."""
+    seen = []
+
+    def record(module, args):
+        weight = module.weight
+        seen.append((args[0].is_contiguous(memory_format=torch.channels_last),
+                     weight.is_contiguous(memory_format=torch.channels_last)))
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model.eval()(inputs)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("prepare", ["prune mask", "prune physical", "lora", "loraprune mask", "loraprune physical"])
+def test_channels_last_survives_prune_and_lora(prepare, gpu_shaped):
+    model = smoke_resnet()
+    if prepare.startswith(("prune", "loraprune")):
+        common.prune(model, mode=prepare.split()[-1])
+    if prepare.startswith(("lora", "loraprune")):
+        model = common.add_lora(model, lora_settings(model), example())
+    inputs = common.normalize(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
+    layouts = conv_layouts(model, inputs)
+    assert len(layouts) >= 17 and all(x and w for x, w in layouts)  # 17: the smoke ResNet's own convolutions
+
+
+def test_a_contiguous_model_stays_contiguous_through_physical_pruning_and_lora(gpu_shaped):
+    model = common.build_model("resnet50", "smoke")  # not through to_device: the layout it was built in
+    model = common.add_lora(common.prune(model, mode="physical"), lora_settings(model), example())
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_augmentation_keeps_channels_last(gpu_shaped):
+    data = tiny_data()
+    batches = common.Batches(data.train_images, data.train_labels, torch.arange(40), batch_size=8, augment=True)
+    for inputs, _ in batches:
+        assert inputs.is_contiguous(memory_format=torch.channels_last)
+
+
+METHOD_RUNS = [("finetune.py",), ("pruneft.py",), ("pruneft.py", "--prune-mode", "physical"), ("lora.py",),
+               ("loraprune.py",), ("loraprune.py", "--prune-mode", "physical"), ("ga.py",), ("rl.py",),
+               ("l1sparse.py",), ("salun.py",), ("scrub.py",)]
+
+
+def test_every_method_runs_gpu_shaped(original_weights, cifar_dir, workdir, gpu_shaped, monkeypatch):
+    weights = original_weights("resnet50")
+    step_contexts = []
+    real_autocast = common.training.autocast
+
+    def recording_autocast(device):
+        context = real_autocast(device)
+        step_contexts.append(type(context))
+        return context
+    monkeypatch.setattr(common.training, "autocast", recording_autocast)
+    flags = ["--preset", "smoke", "--data", cifar_dir, "--weights", weights, "--epochs", "1"]
+    outs = []
+    for script, *extra in METHOD_RUNS:
+        out = workdir / f"{script.removesuffix('.py')}{'_' + extra[-1] if extra else ''}.pth"
+        assert run_script(script, *flags, *extra, "--out", out) == 0, script
+        outs.append(out)
+    assert step_contexts and set(step_contexts) == {torch.autocast}  # every training step ran under autocast
+    assert run_script("evaluate.py", *outs, "--data", cifar_dir, "--json", "eval.json") == 0
