@@ -51,13 +51,13 @@ from .checkpoints import (
     state_mismatch,
     weights_path,
 )
-from .data import CIFAR10, Batches, augment, load_cifar10, normalize
+from .data import CIFAR10, Batches, augment, data_key, load_cifar10, normalize, shared_data
 from .errors import Terminated, TrainingDiverged, UserError, raise_terminated
 from .evaluation import EVALUATE_COLUMNS, evaluate_checkpoint, format_cell, markdown_table
 from .files import check_writable, write_json, written
 from .forget import ForgetSpec, Splits, check_splits, forget_spec_from_args, make_splits
 from .measure import AccuracyCurve, Measure, default_eval_every, warm_up, warm_up_on
-from .metrics import METRIC_KEYS, accuracy, evaluate_model, mia_efficacy, predict
+from .metrics import METRIC_KEYS, accuracy, evaluate_model, mia_efficacy, predict, resolved, run_now
 from .models import SlimResNet, build_model, count_parameters, to_device
 from .pruning import (
     batchnorm_after,
@@ -73,6 +73,7 @@ from .pruning import (
 from .scripts import (
     Context,
     cli,
+    nested_cli,
     report_saved,
     run_from_scratch,
     run_meta,

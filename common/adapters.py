@@ -2,8 +2,6 @@
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, get_peft_model
-from peft.tuners.lora import LoraLayer
 from torch.nn.utils import prune as torch_prune
 
 from .errors import UserError
@@ -39,6 +37,8 @@ def add_lora(model, settings, example_input):
 
     Adapters on a pruned layer have their output rows masked like the layer, so merging keeps pruned
     channels at zero and the merged model computes exactly what the adapted one did."""
+    from peft import LoraConfig, get_peft_model  # imported here: peft pulls in transformers, seconds of start-up
+    from peft.tuners.lora import LoraLayer
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=settings.targets, modules_to_save=settings.train_full or None)
     try:

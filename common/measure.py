@@ -85,7 +85,10 @@ def warm_up_on(model, data, idx, batch_size):
 
 
 class Measure:
-    """Times a block (device synchronised) and records its peak GPU memory; `with Measure(device) as m:`."""
+    """Times a block (device synchronised) and records its peak GPU memory; `with Measure(device) as m:`.
+    Measure.latest is the block entered last, so that a caller running a script in-process (the sweep) can tell its
+    set-up (before `start`) from its training."""
+    latest = None
 
     def __init__(self, device):
         self.device = torch.device(device)
@@ -96,6 +99,7 @@ class Measure:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         self.start = time.perf_counter()
+        Measure.latest = self
         return self
 
     def __exit__(self, *exc):
