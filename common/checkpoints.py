@@ -1,4 +1,5 @@
 """Checkpoints {"model": state_dict, "meta": {...}}: atomic saving, checked loading and default file names."""
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -24,6 +25,7 @@ def library_versions():
             **{name: installed_version(name) for name in ("timm", "peft")}}
 
 
+@functools.cache
 def installed_version(name):
     try:
         return importlib.metadata.version(name)
