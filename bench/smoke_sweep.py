@@ -98,12 +98,16 @@ def main():
             sweeps[name].append(one_sweep(tree, data))
             print(f"  sweep {repeat + 1}/{args.repeats} of {name}: {sweeps[name][-1][0]:.1f} s (load average "
                   f"{os.getloadavg()[0]:.1f})", flush=True)
+        compare(trees, sweeps, imports, args.base)  # after every repeat, so that a bench cut short still says it
+
+
+def compare(trees, sweeps, imports, base):
     for name in trees:
         summary(name, sweeps[name], imports[name])
     tables = {name: [table for _, table, _ in runs] for name, runs in sweeps.items()}
     repeatable = all(all(table == runs[0] for table in runs) for runs in tables.values())
     print(f"metric columns identical across repeats: {'yes' if repeatable else 'NO'}")
-    if args.base:
+    if base and tables["base"]:
         same = tables["this tree"][0] == tables["base"][0]
         print(f"metric columns identical to base's: {'yes' if same else 'NO'}")
         if not same:
@@ -113,7 +117,7 @@ def main():
                     if rows[method] != base_rows.get(method):
                         print(f"  {table} {method}: {rows[method]} vs base {base_rows.get(method)}")
     if Path("/proc/loadavg").exists():
-        print(f"load average at the end: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+        print(f"load average now: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}", flush=True)
 
 
 if __name__ == "__main__":
