@@ -103,3 +103,17 @@ def test_augment_crops_and_flips_within_the_image():
     for row in out[:, 0, 0]:
         steps = row.diff().abs()
         assert set(steps.tolist()) <= {0.0, 1.0}  # a shifted ramp, reflected at the border
+
+
+def test_shared_data_reads_each_folder_preset_and_device_once(cifar_dir, monkeypatch):
+    reads = []
+    real_read = common.data._read_cifar10
+    monkeypatch.setattr(common.data, "_read_cifar10", lambda *args: reads.append(args) or real_read(*args))
+    with common.shared_data():
+        first = common.load_cifar10(cifar_dir, "cpu", "smoke")
+        same_folder = f"{cifar_dir}/../{cifar_dir.name}/"
+        assert common.load_cifar10(same_folder, torch.device("cpu"), "smoke") is first
+        assert common.load_cifar10(cifar_dir, "cpu", "full") is not first
+    assert len(reads) == 2
+    assert common.load_cifar10(cifar_dir, "cpu", "smoke") is not first  # outside the block: read again
+    assert len(reads) == 3
