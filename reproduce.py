@@ -13,7 +13,8 @@ Without a GPU and without --preset it runs the smoke preset with seed 0 only, so
 
 The sweep is a list of independent units (common/sweep.py), per arch and seed: "methods" pretrains that seed's own
 original model, then runs each method of --methods from it; "retrain" retrains from scratch. Each step runs
-in its own process, so that its RTE and peak GPU memory are its own, and is evaluated here; its metrics, timing
+its script's own command line in this process (the data read once), with its seed set and its RTE and peak GPU
+memory measured as its own, and is evaluated here; its metrics, where its time went,
 and a fingerprint of what produced it (data, original model, recipe, flags, code, device, libraries) go to
 results/runs/{checkpoint stem}.json. A run whose record matches the plan is done, even without its checkpoint
 (--force reruns it); a record that differs in data, original model, recipe or flags is never reused.
@@ -489,6 +490,13 @@ def parse_args(argv):
     parser.add_argument("--relearn-max-steps", type=common.number(int, 1, 10**6),
                          default=representation.RELEARN["max_steps"], metavar="N",
                          help=f"give up relearning after N steps (default: {representation.RELEARN['max_steps']})")
+    parser.add_argument("--overlap-evaluation", action=argparse.BooleanOptionalAction,
+                        help="fit the MIA's SVC and the linear probe of one step in a worker thread while the next "
+                             "step trains; the same results either way (default: on with a GPU, off on CPU, where the "
+                             "fits would take cores from the training and its RTE)")
+    parser.add_argument("--step-processes", action="store_true",
+                        help="run each step in a fresh Python process, as separate commands would (slower: imports, "
+                             "data and device start-up paid per step)")
     launch.add_launcher_arguments(parser)
     args = parser.parse_args(argv)
     if args.launcher and (args.time_budget is not None or args.tables_only or args.list_units):
@@ -509,6 +517,8 @@ def resolve_defaults(args):
     elif args.preset == "full" and not on_gpu:
         print("warning: --preset full on CPU will be very slow (days); a GPU is expected.", file=sys.stderr)
     args.preset = args.preset or "full"
+    if args.overlap_evaluation is None:
+        args.overlap_evaluation = on_gpu
     for flag in ("probe", "cka"):  # cheap next to a unit at full size, not next to the tiny smoke runs
         if getattr(args, flag) is None:
             setattr(args, flag, args.preset == "full")
@@ -569,9 +579,11 @@ def main(argv=None):
         print("\n".join(unit.name for unit in units))
         return []
     selected = sweep.select_units(units, args.units)
+    data_start = time.monotonic()
     data = common.load_cifar10(args.data, args.device, args.preset)
     args.data_label = args.data_label or common.data_label(args.data)
     plan = sweep.Sweep(args, spec, sweep.data_sha256(data), {(args.data, args.preset): data})
+    plan.times["startup_s"] += time.monotonic() - data_start
     if not args.tables_only:
         print(f"{len(selected)} units: {' '.join(args.arch)} x seeds {' '.join(map(str, args.seeds))} x "
               f"(original {' '.join(args.methods)} | retrain), preset {args.preset}, "
@@ -580,12 +592,20 @@ def main(argv=None):
             launch_in_parallel(plan, selected, args, argv)
         else:
             interruptible(lambda: run_units(plan, selected, args, argv, started), plan.kept)
-    if args.no_tables:
-        return []
-    written = [write_results(arch, spec, plan) for arch in args.arch]
+    written = [] if args.no_tables else [write_results(arch, spec, plan) for arch in args.arch]
     for stem in filter(None, written):
         print(f"wrote {stem}.json, {stem}.md, {stem}_metrics.png, {stem}_tradeoff.png")
+    if plan.kept:
+        print_sweep_time(plan, time.monotonic() - started)
     return written
+
+
+def print_sweep_time(plan, seconds):
+    """Where this call's time went (after its imports): its units' parts, reading the data as start-up, and the rest
+    (planning, tables and plots) as other."""
+    parts = dict(plan.times)
+    parts["other_s"] += max(seconds - sum(parts.values()), 0.0)
+    print(f"sweep: {sweep.time_line(parts, seconds, plan.background_s)}")
 
 
 if __name__ == "__main__":

@@ -59,16 +59,18 @@ from .data import (
     PROVENANCE_FILE,
     Batches,
     augment,
+    data_key,
     data_label,
     load_cifar10,
     normalize,
+    shared_data,
 )
 from .errors import DamagedFile, ParentGone, Terminated, TrainingDiverged, UserError, raise_terminated
 from .evaluation import EVALUATE_COLUMNS, evaluate_checkpoint, format_cell, markdown_table
 from .files import atomic_write, check_writable, save_figure, write_bytes, write_error, write_json, write_text, written
 from .forget import ForgetSpec, Splits, check_splits, forget_spec_from_args, make_splits
 from .measure import AccuracyCurve, Measure, default_eval_every, warm_up, warm_up_on
-from .metrics import METRIC_KEYS, accuracy, evaluate_model, mia_efficacy, predict
+from .metrics import METRIC_KEYS, accuracy, evaluate_model, mia_efficacy, predict, resolved, run_now
 from .models import SlimResNet, build_model, count_parameters, is_channels_last, keep_layout, to_device
 from .processes import check_parent_alive, start_child
 from .pruning import (
@@ -86,6 +88,7 @@ from .pruning import (
 from .scripts import (
     Context,
     cli,
+    nested_cli,
     report_saved,
     run_from_scratch,
     run_meta,

@@ -2,8 +2,6 @@
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, get_peft_model
-from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
@@ -47,6 +45,8 @@ def add_lora(model, settings, example_input):
     where peft puts nn.Identity) that cast is switched off: under bf16 autocast the adapter's convolution or linear
     layer casts the input back to bf16, so the cast changes no value but makes a copy of every adapted layer's input
     that the backward pass keeps. With dropout the cast stays, since dropout on bf16 draws other masks."""
+    from peft import LoraConfig, get_peft_model  # imported here: peft pulls in transformers, seconds of start-up
+    from peft.tuners.lora import LoraLayer
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=settings.targets, modules_to_save=settings.train_full or None)
     channels_last = is_channels_last(model)

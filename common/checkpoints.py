@@ -1,11 +1,11 @@
 """Checkpoints {"model": state_dict, "meta": {...}}: atomic saving, checked loading and default file names."""
+import functools
 import hashlib
+import importlib.metadata
 import io
 import re
 from pathlib import Path
 
-import peft
-import timm
 import torch
 import torchvision
 
@@ -18,8 +18,18 @@ from .settings import ARCHS, PRESETS, WEIGHTS_DIR
 
 
 def library_versions():
-    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "timm": str(timm.__version__),
-            "peft": str(peft.__version__)}
+    """torch, torchvision, timm and peft versions; timm's and peft's read from their installed metadata, so that
+    recording them imports neither (torch's and torchvision's own strings carry their build, e.g. +cu130)."""
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            **{name: installed_version(name) for name in ("timm", "peft")}}
+
+
+@functools.cache
+def installed_version(name):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def device_name(device):

@@ -1,5 +1,6 @@
 """CIFAR-10 on the device: the standard pickles read and checked, normalisation, augmentation and batches
 drawn from a device-side permutation (no DataLoader)."""
+import contextlib
 import functools
 import hashlib
 import pickle
@@ -69,10 +70,45 @@ def _first_per_class(labels, k):
     return torch.sort(torch.cat([torch.nonzero(labels == c).flatten()[:k] for c in range(NUM_CLASSES)])).values
 
 
+_shared = None  # {data_key: CIFAR10} inside shared_data(), else None
+
+
+@contextlib.contextmanager
+def shared_data():
+    """Inside the block load_cifar10 reads each (root, preset, device) once and hands every caller the same tensors,
+    so that steps run one after another in one process (a sweep's unit) share one copy of the data on the device.
+    Yields the {data_key: CIFAR10} cache, which the caller may fill with data it has already loaded. No caller
+    changes the tensors in place: batches and metrics index and normalise them into new tensors."""
+    global _shared
+    previous, _shared = _shared, {}
+    try:
+        yield _shared
+    finally:
+        _shared = previous
+
+
+def data_key(root, preset, device):
+    """(folder, preset, device) naming one load of the data: the same folder however it is spelled, cuda as cuda:N."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return Path(root).resolve(), preset, device
+
+
 def load_cifar10(root, device, preset="full"):
-    """Read cifar-10-batches-py under root (downloading it with torchvision if absent) onto device.
+    """Read cifar-10-batches-py under root (downloading it with torchvision if absent) onto device; inside
+    shared_data() a second call with the same arguments returns the first call's tensors.
 
     The smoke preset keeps the first few images of each class."""
+    if _shared is None:
+        return _read_cifar10(root, device, preset)
+    key = data_key(root, preset, device)
+    if key not in _shared:
+        _shared[key] = _read_cifar10(root, device, preset)
+    return _shared[key]
+
+
+def _read_cifar10(root, device, preset):
     folder = Path(root) / "cifar-10-batches-py"
     train_names = [f"data_batch_{i}" for i in range(1, 6)]
     if not all((folder / name).is_file() for name in [*train_names, "test_batch"]):

@@ -2,15 +2,17 @@
 from .checkpoints import load_checkpoint
 from .data import load_cifar10
 from .forget import ForgetSpec, make_splits
-from .metrics import evaluate_model
+from .metrics import evaluate_model, run_now
 
 
-def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cache=None, extra_metrics=None):
+def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cache=None, extra_metrics=None,
+                        submit=run_now):
     """Metrics of one checkpoint as a dict with keys path, arch, method, UA, RA, TA, MIA_efficacy, RTE_s,
     peak_gpu_mem_mb (and forget, seed, preset). The forget setting is the checkpoint's unless spec is given;
     a checkpoint without one (the original model) is scored on the default (class 3). The MIA draws its
     samples with the seed recorded in the checkpoint unless seed is given.
-    extra_metrics(model, meta, data, splits, spec, seed) -> dict adds further metrics (common.representation's)."""
+    extra_metrics(model, meta, data, splits, spec, seed) -> dict adds further metrics (common.representation's).
+    The MIA's SVC goes through submit (see evaluate_model)."""
     model, meta = load_checkpoint(path, device)
     if seed is None:
         seed = meta.get("seed") or 0
@@ -21,7 +23,7 @@ def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cach
         cache[(data_root, preset)] = load_cifar10(data_root, device, preset)
     data = cache[(data_root, preset)]
     splits = make_splits(data.train_labels, data.test_labels, spec)
-    metrics = evaluate_model(model, data, splits, seed)
+    metrics = evaluate_model(model, data, splits, seed, submit)
     if extra_metrics is not None:
         metrics.update(extra_metrics(model, meta, data, splits, spec, seed))
     return {"path": str(path), "arch": meta["arch"], "method": meta.get("method"), **metrics,

@@ -90,12 +90,16 @@ class Measure:
     after a garbage collection (leftovers of earlier in-process runs, such as torch-pruning's reference cycles, are
     freed first). `with Measure(device) as m:`. Entered again, the seconds add up and what the earlier blocks left
     allocated counts towards the later blocks' peaks, so the peak stays relative to the first block's start.
-    baseline_gpu_mem_mb is what was resident then (model, data, a teacher copy)."""
+    baseline_gpu_mem_mb is what was resident then (model, data, a teacher copy).
+    Measure.latest is the block entered last, so that a caller running a script in-process (the sweep) can tell its
+    set-up (before `began`, the first block's start) from its training."""
+    latest = None
 
     def __init__(self, device):
         self.device = torch.device(device)
         self.seconds, self.peak_gpu_mem_mb, self.baseline_gpu_mem_mb = None, None, None
         self._left_allocated = 0  # bytes the earlier blocks allocated and did not free
+        self.began = None
 
     def __enter__(self):
         if self.device.type == "cuda":
@@ -106,6 +110,9 @@ class Measure:
             if self.baseline_gpu_mem_mb is None:
                 self.baseline_gpu_mem_mb = self._start_bytes / 2**20
         self.start = time.perf_counter()
+        if self.began is None:
+            self.began = self.start  # the first block's start: what came before it is set-up
+        Measure.latest = self
         return self
 
     def __exit__(self, *exc):

@@ -1,7 +1,8 @@
 """UA, RA, TA and MIA-efficacy of a model on the forget, retain and test sets."""
+from concurrent.futures import Future
+
 import numpy as np
 import torch
-from sklearn.svm import SVC
 
 from .data import normalize
 from .settings import EVAL_BATCH_SIZE, MIA_MAX_SAMPLES, NUM_CLASSES
@@ -32,6 +33,8 @@ def mia_efficacy(retain_conf, test_conf, forget_conf, seed=0, max_samples=MIA_MA
 
     An RBF SVC (C=3, gamma='auto', as in Unlearn-Sparse) is fitted on equally many retain samples
     (members) and test samples (non-members), at most max_samples of each, drawn with the seed."""
+    from sklearn.svm import SVC  # imported here: only the MIA needs scikit-learn
+
     rng = np.random.default_rng(seed)
     n = min(len(retain_conf), len(test_conf), max_samples)
     members = rng.choice(retain_conf, n, replace=False)
@@ -42,8 +45,20 @@ def mia_efficacy(retain_conf, test_conf, forget_conf, seed=0, max_samples=MIA_MA
     return float((classifier.predict(np.asarray(forget_conf)[:, None]) == 0).mean() * 100)
 
 
-def evaluate_model(model, data, splits, seed=0):
-    """UA, RA, TA and MIA-efficacy (percent) of model on the splits."""
+def run_now(function, *args):
+    """function(*args), here and now: the default `submit` of the evaluation functions. An executor's submit
+    instead runs their CPU-side parts (the MIA's SVC, the probe's fit) elsewhere, and they return Futures."""
+    return function(*args)
+
+
+def resolved(metrics):
+    """metrics with every Future replaced by its result (waiting for it), in the same key order."""
+    return {key: value.result() if isinstance(value, Future) else value for key, value in metrics.items()}
+
+
+def evaluate_model(model, data, splits, seed=0, submit=run_now):
+    """UA, RA, TA and MIA-efficacy (percent) of model on the splits; the forward passes run here, the MIA through
+    submit (MIA_efficacy is then a Future, see resolved)."""
     all_train = torch.arange(len(data.train_labels), device=data.train_labels.device)
     train_probs = predict(model, data.train_images, all_train)
     test_probs = predict(model, data.test_images, splits.test_idx)
@@ -54,8 +69,8 @@ def evaluate_model(model, data, splits, seed=0):
         "UA": 100 - accuracy(train_probs[forget], data.train_labels[forget]),
         "RA": accuracy(train_probs[retain], data.train_labels[retain]),
         "TA": accuracy(test_probs, data.test_labels[splits.test_idx]),
-        "MIA_efficacy": mia_efficacy(train_conf[retain].cpu().numpy(), test_conf.cpu().numpy(),
-                                     train_conf[forget].cpu().numpy(), seed),
+        "MIA_efficacy": submit(mia_efficacy, train_conf[retain].cpu().numpy(), test_conf.cpu().numpy(),
+                               train_conf[forget].cpu().numpy(), seed),
     }
 
 

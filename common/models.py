@@ -1,7 +1,6 @@
 """The two architectures for 32x32 inputs: ResNet-50 with a CIFAR stem and timm's ViT-S/4, plus slim smoke
 variants with the same module names."""
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet, resnet50
 
@@ -33,6 +32,8 @@ def build_model(arch, preset="full"):
             model = resnet50(num_classes=NUM_CLASSES)
         return _cifar_stem(model)
     if arch == "vit":
+        from timm.models.vision_transformer import VisionTransformer  # imported here: seconds, and only ViT needs it
+
         size = {"embed_dim": 48, "depth": 2, "num_heads": 2} if preset == "smoke" else \
             {"embed_dim": 384, "depth": 12, "num_heads": 6}
         return VisionTransformer(img_size=IMAGE_SIZE, patch_size=4, num_classes=NUM_CLASSES, global_pool="avg",

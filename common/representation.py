@@ -9,20 +9,17 @@ metrics"). evaluate.py and reproduce.py call evaluate_checkpoint() here with the
 import copy
 import itertools
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from . import evaluation
 from .arguments import number, open_unit_interval
 from .checkpoints import load_checkpoint, weights_path
 from .data import Batches, normalize
 from .errors import UserError
-from .metrics import accuracy, predict
+from .metrics import accuracy, predict, run_now
 from .models import to_device
 from .settings import EVAL_BATCH_SIZE, NUM_CLASSES, PAPER_RECIPE
 from .training import make_adam, seed_everything, train
@@ -82,6 +79,11 @@ def per_class_sample(labels, idx, k, seed):
 
 def fit_probe(features, labels, seed=0):
     """Logistic regression on standardised features (sklearn, lbfgs, seeded)."""
+    from sklearn.exceptions import ConvergenceWarning  # imported here: only the probe and the MIA need scikit-learn
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=PROBE_MAX_ITER, random_state=seed))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # separable features: lbfgs keeps growing the weights
@@ -89,12 +91,19 @@ def fit_probe(features, labels, seed=0):
 
 
 def probe_accuracy(probe, features, labels):
+    """Percent of features the probe (or the Future of one) labels right; NaN for none."""
+    if isinstance(probe, Future):
+        probe = probe.result()
     if not len(labels):
         return float("nan")
     return float((probe.predict(features.cpu().numpy()) == labels.cpu().numpy()).mean() * 100)
 
 
-def probe_ua(model, data, splits, spec, seed=0, per_class=PROBE_PER_CLASS):
+def probe_error(probe, features, labels):
+    return 100 - probe_accuracy(probe, features, labels)
+
+
+def probe_ua(model, data, splits, spec, seed=0, per_class=PROBE_PER_CLASS, submit=run_now):
     """Probe-UA and Probe-TA (percent) of a frozen model's penultimate features.
 
     A linear probe is fitted on images it is not scored on. Class-wise forgetting: fitted on up to
@@ -102,7 +111,7 @@ def probe_ua(model, data, splits, spec, seed=0, per_class=PROBE_PER_CLASS):
     test images. Random-subset forgetting: fitted on up to per_class retain images per class, scored on
     (a sample of) the forget images. Probe-UA = 100 - that accuracy; Probe-TA = its accuracy on up to
     PROBE_CHECK_PER_CLASS test images of each retained class (every class for a random subset), a check
-    that the probe works."""
+    that the probe works. The features are computed here, the fit and the scoring through submit (Futures then)."""
     train_images, train_labels = data.train_images, data.train_labels
     if spec.random_fraction is None:
         all_train = torch.arange(len(train_labels), device=train_labels.device)
@@ -114,13 +123,12 @@ def probe_ua(model, data, splits, spec, seed=0, per_class=PROBE_PER_CLASS):
         fit_idx = per_class_sample(train_labels, splits.retain_idx, per_class, seed)
         score_images, score_labels = train_images, train_labels
         score_idx = seeded_sample(splits.forget_idx, per_class * NUM_CLASSES, seed)
-    probe = fit_probe(penultimate_features(model, train_images, fit_idx), train_labels[fit_idx], seed)
-    forget_accuracy = probe_accuracy(probe, penultimate_features(model, score_images, score_idx),
-                                     score_labels[score_idx])
     check_idx = per_class_sample(data.test_labels, splits.test_idx, PROBE_CHECK_PER_CLASS, seed)
-    test_accuracy = probe_accuracy(probe, penultimate_features(model, data.test_images, check_idx),
-                                   data.test_labels[check_idx])
-    return {"probe_UA": 100 - forget_accuracy, "probe_TA": test_accuracy}
+    fit = (penultimate_features(model, train_images, fit_idx).cpu(), train_labels[fit_idx].cpu())
+    scored = (penultimate_features(model, score_images, score_idx).cpu(), score_labels[score_idx].cpu())
+    check = (penultimate_features(model, data.test_images, check_idx).cpu(), data.test_labels[check_idx].cpu())
+    probe = submit(fit_probe, *fit, seed)
+    return {"probe_UA": submit(probe_error, probe, *scored), "probe_TA": submit(probe_accuracy, probe, *check)}
 
 
 # ------------------------------------------------------------------------------------------------- CKA
@@ -231,11 +239,13 @@ def find_original(path, meta, originals=(), cache=None, device="cpu"):
 # ----------------------------------------------------------------------------------------- evaluation
 
 def representation_metrics(model, original, data, splits, spec, seed=0, probe=False, cka=False, relearn=False,
-                           relearn_fraction=RELEARN["fraction"], relearn_max_steps=RELEARN["max_steps"]):
-    """The asked-for metrics of model as a dict; CKA and relearn are None when original is None."""
+                           relearn_fraction=RELEARN["fraction"], relearn_max_steps=RELEARN["max_steps"],
+                           submit=run_now):
+    """The asked-for metrics of model as a dict; CKA and relearn are None when original is None. The probe's fit
+    goes through submit."""
     metrics = {}
     if probe:
-        metrics.update(probe_ua(model, data, splits, spec, seed))
+        metrics.update(probe_ua(model, data, splits, spec, seed, submit=submit))
     if cka:
         metrics.update(feature_similarity(model, original, data, splits, seed) if original is not None
                        else {"CKA_forget": None, "CKA_retain": None})
@@ -247,10 +257,11 @@ def representation_metrics(model, original, data, splits, spec, seed=0, probe=Fa
 
 def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cache=None, probe=False, cka=False,
                         relearn=False, originals=(), relearn_fraction=RELEARN["fraction"],
-                        relearn_max_steps=RELEARN["max_steps"]):
+                        relearn_max_steps=RELEARN["max_steps"], submit=run_now):
     """evaluate_checkpoint's row plus the asked-for representation metrics (and, for CKA and relearn,
     original_weights / original_from: where the original model came from). data_cache also keeps the
-    loaded original models between calls."""
+    loaded original models between calls. The MIA's and the probe's fits go through submit: with an executor's,
+    the row holds Futures for them (common.resolved waits for them)."""
     cache = {} if data_cache is None else data_cache
 
     def extra_metrics(model, meta, data, splits, spec, seed):
@@ -258,9 +269,10 @@ def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cach
         if cka or relearn:
             original, source = find_original(path, meta, originals, cache, device)
         return {**representation_metrics(model, original, data, splits, spec, seed, probe, cka, relearn,
-                                          relearn_fraction, relearn_max_steps), **source}
+                                          relearn_fraction, relearn_max_steps, submit), **source}
 
-    return evaluation.evaluate_checkpoint(path, data_root, device, spec, seed, cache, extra_metrics=extra_metrics)
+    return evaluation.evaluate_checkpoint(path, data_root, device, spec, seed, cache, extra_metrics=extra_metrics,
+                                          submit=submit)
 
 
 def columns(probe=False, cka=False, relearn=False):

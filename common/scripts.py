@@ -66,6 +66,18 @@ def cli(main, argv=None):
             signal.signal(signal.SIGTERM, previous_handler)
 
 
+@contextlib.contextmanager
+def nested_cli():
+    """Inside the block cli() runs as a nested call, whatever the caller: a sweep running a script in-process keeps
+    Ctrl-C and SIGTERM for itself."""
+    global _cli_depth
+    _cli_depth += 1
+    try:
+        yield
+    finally:
+        _cli_depth -= 1
+
+
 @dataclass
 class Context:
     """Everything a method's unlearn() may need beside the model."""

@@ -11,16 +11,22 @@ results/runs/ (metrics, timing and a fingerprint of what produced it); checkpoin
 whose record matches the current plan is done, with or without its checkpoint.
 """
 import ast
+import contextlib
 import functools
+import gc
 import hashlib
+import io
 import json
 import math
 import os
+import runpy
 import socket
 import statistics
 import subprocess
 import sys
 import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +34,13 @@ import torch
 
 from . import representation
 from .checkpoints import device_name, library_versions, weights_path
+from .data import data_key, shared_data
 from .errors import DamagedFile, UserError
 from .files import create_new, write_error, write_json
+from .measure import Measure
+from .metrics import resolved
 from .processes import start_child
+from .scripts import nested_cli
 from .settings import ARCHS, PAPER_RECIPE, PRESETS, PRETRAIN_RECIPES, RESULTS_DIR, preset_recipe
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: the scripts and requirements.txt
@@ -49,10 +59,15 @@ DEFAULT_RUN_SECONDS = {
 }
 BENCH_DIR = Path("bench")
 # Estimates from bench.py's rows: its runs are short and warmed up, so the training and evaluation time they
-# give is multiplied by this factor, and a run's own start-up (imports, data onto the device, model build),
-# which no bench row times, is added.
+# give is multiplied by this factor, and a run's own set-up (checkpoint loading, model build, warm-up, saving),
+# which no bench row times, is added. Steps run in the sweep's process: imports and the data are paid once.
 BENCH_SAFETY_FACTOR = 1.25
-RUN_START_SECONDS = 10
+RUN_START_SECONDS = 3
+# Where a run's wall time went, the keys of a record's "time" (seconds; they add up to its "seconds"), with the
+# words reproduce.py prints. Evaluation that ran in the background while the next step trained is not on the list
+# (it took no wall time of the sweep's): "background_evaluation_s" says how long it took.
+TIME_PARTS = {"training_s": "training", "evaluation_s": "evaluation", "startup_s": "start-up and data",
+              "waiting_s": "waiting", "other_s": "other"}
 OUTPUT_TAIL_LINES = 25
 CHILD_EXIT_WAIT_S = 10
 
@@ -492,12 +507,76 @@ def run_script(script, flags):
         raise UserError(f"{' '.join(command[1:])} failed with exit status {status} (output above)")
 
 
+def run_in_process(script, flags):
+    """Run ROOT/script's command line in this process, as `python script flags` would, its output held back; a
+    failure (an exit status, a UserError, any exception) shows the end of that output and stops the sweep with a
+    UserError. Ctrl-C and SIGTERM pass through to the caller. Returns the wall seconds of the step and of its
+    set-up (until its training started: Measure.latest), the latter None when it never trained."""
+    argv, saved_argv, output = [str(ROOT / script), *map(str, flags)], sys.argv, io.StringIO()
+    status, start, sys.argv = 0, time.perf_counter(), argv
+    try:
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output), nested_cli():
+            runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as stop:
+        status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if not isinstance(stop.code, int | None):
+            print(stop.code, file=output)
+    except Exception as error:  # a crash of the script: its traceback from the script on, as `python script` prints
+        frames = error.__traceback__
+        while frames.tb_next is not None and frames.tb_frame.f_code.co_filename != argv[0]:
+            frames = frames.tb_next
+        traceback.print_exception(type(error), error, frames, file=output)
+        status = 1
+    finally:
+        sys.argv = saved_argv
+    seconds = time.perf_counter() - start
+    if status != 0:
+        tail = output.getvalue().strip().splitlines()[-OUTPUT_TAIL_LINES:]
+        print("\n".join(f"    {line}" for line in tail), file=sys.stderr)
+        raise UserError(f"{script} {' '.join(map(str, flags))} failed with exit status {status} (output above)")
+    latest = Measure.latest
+    return seconds, latest.began - start if latest is not None and latest.began >= start else None
+
+
+def free_memory():
+    """Drop what a finished step and its evaluation left behind (the step's model and optimizer sit in reference
+    cycles), so that the next step's peak GPU memory is its own. What outlives the collection (the imported
+    libraries, above all) is frozen out of the next ones, which then take milliseconds rather than a second;
+    frozen objects are still freed when their last reference goes."""
+    gc.collect()
+    gc.freeze()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def time_line(parts, seconds, background=0.0):
+    """"12.3 s: training 5.0, evaluation 2.1, ..." of a TIME_PARTS dict."""
+    text = f"{seconds:.1f} s: " + ", ".join(f"{word} {parts.get(key, 0.0):.1f}" for key, word in TIME_PARTS.items())
+    return text + (f" (and {background:.1f} s of evaluation in the background)" if background else "")
+
+
+@dataclass
+class Step:
+    """A trained run whose evaluation may still be finishing in the background: what its record needs."""
+    run: Run
+    record: dict  # metrics (some of them Futures while the background evaluation runs), fingerprint, ...
+    times: dict  # TIME_PARTS so far, and wall_s: the step's and its evaluation's wall seconds
+    futures: list
+    durations: list  # seconds each background task took, once it has finished
+
+
 class Sweep:
-    """The records on file checked against the plan of one reproduce.py call, and the runs that make them."""
+    """The records on file checked against the plan of one reproduce.py call, and the runs that make them.
+
+    A unit's steps run one after another in this process (the data read and put on the device once, by
+    reproduce.py) unless args.step_processes asks for a process per step. With args.overlap_evaluation the MIA's
+    and the probe's fits of one step run in a worker thread while the next step trains."""
 
     def __init__(self, args, spec, data_hash, data_cache):
         self.args, self.spec, self.data_hash, self.data_cache = args, spec, data_hash, data_cache
         self.kept = []  # records written by this call
+        self.times = dict.fromkeys(TIME_PARTS, 0.0)  # over every run of this call, and the units' own other time
+        self.background_s = 0.0
         self.damaged = set()  # damaged files on file that this call runs again
 
     def say_once(self, path, text):
@@ -533,6 +612,10 @@ class Sweep:
         except DamagedFile:
             self.say_once(path, f"checkpoint {path} is damaged (it does not load): training it again")
             return None
+
+    @property
+    def overlap(self):
+        return getattr(self.args, "overlap_evaluation", False)
 
     def expected(self, run, original_hash=None):
         return fingerprint(run, self.args.preset, self.data_hash, self.args.data_label, self.args.device,
@@ -648,28 +731,103 @@ class Sweep:
         return BENCH_SAFETY_FACTOR * seconds + RUN_START_SECONDS
 
     def run_unit(self, unit):
-        """Train and evaluate what unit still needs, writing one record per run; prints a line per run.
+        """Train and evaluate what unit still needs, writing one record per run; prints a line per run and where
+        the unit's time went.
 
         Each method run is checked against the original model as it is once that has run: a retrained
-        original that came out the same (CPU training is deterministic) keeps its methods' records."""
+        original that came out the same (CPU training is deterministic) keeps its methods' records. A step that
+        fails or is interrupted still lets the record of the step before it be written."""
+        start = time.perf_counter()
+        free_memory()
         todo = self.pending(unit)
-        original_hash = None
-        for run in unit.runs:
-            if run.method == "original" and run not in todo:
-                original_hash = self.original_hash(unit.arch, unit.seed)
-            if run.from_scratch and run not in todo or not run.from_scratch and not self.needs_run(run, original_hash):
-                print(f"  {run}: record on file, done", flush=True)
-                continue
-            start = time.perf_counter()
-            print(f"  {run} ...", end=" ", flush=True)
+        original_hash, previous, done = None, None, []
+        data = self.data_cache[(self.args.data, self.args.preset)]
+        with shared_data() as cache, ThreadPoolExecutor(1, thread_name_prefix="evaluation") as pool:
+            cache[data_key(self.args.data, self.args.preset, self.args.device)] = data
+            try:
+                for run in unit.runs:
+                    if run.method == "original" and run not in todo:
+                        original_hash = self.original_hash(unit.arch, unit.seed)
+                    if (run.from_scratch and run not in todo
+                            or not run.from_scratch and not self.needs_run(run, original_hash)):
+                        print(f"  {run}: record on file, done", flush=True)
+                        continue
+                    print(f"  {run} ...", flush=True)
+                    step = self.train_and_evaluate(run, original_hash, pool)
+                    if run.method == "original":
+                        original_hash = step.record["model_sha256"]
+                    if previous is not None:  # its evaluation had this step's training to finish in
+                        done.append(self.finish(previous))
+                        previous = None
+                    if self.overlap:
+                        previous = step
+                    else:
+                        done.append(self.finish(step))
+            finally:
+                if previous is not None:
+                    done.append(self.finish(previous))
+                if done:
+                    self.report_unit(unit, done, time.perf_counter() - start)
+
+    def train_and_evaluate(self, run, original_hash, pool):
+        """Run's step, then its evaluation: the forward passes here, the MIA's and probe's fits in pool when
+        overlapping (else here too). A Step whose record finish() completes."""
+        start = time.perf_counter()
+        if getattr(self.args, "step_processes", False):
+            step_start = time.perf_counter()
             run_script(run.script, [*run.plan_flags, *run.io_flags])
-            record = self.evaluate(run, original_hash)
-            record["seconds"] = time.perf_counter() - start
-            write_json(run.record, record)
-            self.kept.append(run.record)
-            if run.method == "original":
-                original_hash = record["model_sha256"]
-            print(f"{record['seconds']:.1f} s (RTE {record['RTE_s']:.1f} s)", flush=True)
+            step_seconds, startup = time.perf_counter() - step_start, None
+        else:
+            step_seconds, startup = run_in_process(run.script, [*run.plan_flags, *run.io_flags])
+        futures, durations = [], []
+
+        def submit(function, *args):
+            def timed():
+                begin = time.perf_counter()
+                try:
+                    return function(*args)
+                finally:
+                    durations.append(time.perf_counter() - begin)
+            futures.append(pool.submit(timed))
+            return futures[-1]
+
+        evaluate_start = time.perf_counter()
+        record = self.evaluate(run, original_hash, submit if self.overlap else None)
+        evaluation = time.perf_counter() - evaluate_start
+        free_memory()
+        rte = record.get("RTE_s") or 0.0
+        startup = step_seconds - rte if startup is None else startup  # a process per step: all of it but training
+        times = {"training_s": rte, "evaluation_s": evaluation, "startup_s": startup, "waiting_s": 0.0,
+                 "wall_s": time.perf_counter() - start}
+        return Step(run, record, times, futures, durations)
+
+    def finish(self, step):
+        """Wait for step's background evaluation, then write its record (its timing in "seconds" and "time")."""
+        waited = time.perf_counter()
+        wait(step.futures)
+        waiting = time.perf_counter() - waited
+        record, background = resolved(step.record), sum(step.durations)
+        times = {**step.times, "waiting_s": waiting}
+        seconds = times.pop("wall_s") + waiting
+        times["other_s"] = max(seconds - sum(times[key] for key in TIME_PARTS if key != "other_s"), 0.0)
+        record["seconds"] = seconds
+        record["time"] = {**{key: round(times[key], 3) for key in TIME_PARTS},
+                          "background_evaluation_s": round(background, 3)}
+        write_json(step.run.record, record)
+        self.kept.append(step.run.record)
+        print(f"  {step.run}: {seconds:.1f} s (RTE {record['RTE_s']:.1f} s)", flush=True)
+        return record
+
+    def report_unit(self, unit, records, seconds):
+        """Print where the unit's time went, and add it to the sweep's: the runs' parts, and the unit's own checks
+        (records, lock, hashes) as other."""
+        parts = {key: sum(record["time"][key] for record in records) for key in TIME_PARTS}
+        parts["other_s"] += max(seconds - sum(parts.values()), 0.0)
+        background = sum(record["time"]["background_evaluation_s"] for record in records)
+        for key, value in parts.items():
+            self.times[key] += value
+        self.background_s += background
+        print(f"  {unit.name}: {time_line(parts, seconds, background)}", flush=True)
 
     def representation_options(self, run):
         """representation.evaluate_checkpoint's options: the --probe/--cka/--relearn flags, and as the original
@@ -680,12 +838,14 @@ class Sweep:
                 "relearn_fraction": args.relearn_fraction, "relearn_max_steps": args.relearn_max_steps,
                 "originals": (str(original),) if original.is_file() else ()}
 
-    def evaluate(self, run, original_hash):
-        """The record of a freshly trained run: metrics, fingerprint, and for the original its model hash."""
+    def evaluate(self, run, original_hash, submit=None):
+        """The record of a freshly trained run: metrics, fingerprint, and for the original its model hash. With
+        submit, the MIA's and probe's fits go through it and the record holds their Futures (see finish). Each
+        evaluation loads the original model it compares with afresh, so that none stays on the device."""
+        data_only = {(self.args.data, self.args.preset): self.data_cache[(self.args.data, self.args.preset)]}
+        options = {**self.representation_options(run), **({"submit": submit} if submit else {})}
         metrics = representation.evaluate_checkpoint(run.checkpoint, self.args.data, self.args.device, self.spec,
-                                                     run.seed, self.data_cache, **self.representation_options(run))
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+                                                     run.seed, data_only, **options)
         meta = torch.load(run.checkpoint, map_location="cpu", weights_only=True, mmap=True)["meta"]
         record = {**metrics, "unit": unit_name(run.arch, run.seed, "retrain" if run.method == "retrain" else "methods"),
                   "device": meta.get("device"), "created": meta.get("created"), "data_label": self.args.data_label,

@@ -128,3 +128,17 @@ def test_data_label_names_the_official_release_a_provenance_file_or_different_fi
 def test_the_official_checksums_are_torchvisions():
     assert sorted(common.OFFICIAL_FILES) == sorted([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"])
     assert common.OFFICIAL_FILES["test_batch"] == dict(torchvision.datasets.CIFAR10.test_list)["test_batch"]
+
+
+def test_shared_data_reads_each_folder_preset_and_device_once(cifar_dir, monkeypatch):
+    reads = []
+    real_read = common.data._read_cifar10
+    monkeypatch.setattr(common.data, "_read_cifar10", lambda *args: reads.append(args) or real_read(*args))
+    with common.shared_data():
+        first = common.load_cifar10(cifar_dir, "cpu", "smoke")
+        same_folder = f"{cifar_dir}/../{cifar_dir.name}/"
+        assert common.load_cifar10(same_folder, torch.device("cpu"), "smoke") is first
+        assert common.load_cifar10(cifar_dir, "cpu", "full") is not first
+    assert len(reads) == 2
+    assert common.load_cifar10(cifar_dir, "cpu", "smoke") is not first  # outside the block: read again
+    assert len(reads) == 3

@@ -72,14 +72,15 @@ def test_mia_efficacy_separates_member_like_from_non_member_like_forget_sets():
 
 
 def test_mia_efficacy_balances_members_and_non_members(monkeypatch):
+    import sklearn.svm  # what mia_efficacy imports when it runs
     fitted = {}
 
-    class RecordingSVC(common.metrics.SVC):
+    class RecordingSVC(sklearn.svm.SVC):
         def fit(self, features, labels):
             fitted["counts"] = np.bincount(labels.astype(int)).tolist()
             return super().fit(features, labels)
 
-    monkeypatch.setattr(common.metrics, "SVC", RecordingSVC)
+    monkeypatch.setattr(sklearn.svm, "SVC", RecordingSVC)
     common.mia_efficacy(np.linspace(0.5, 1, 900), np.linspace(0, 0.5, 120), np.ones(10), max_samples=100)
     assert fitted["counts"] == [100, 100]
 

@@ -1,5 +1,3 @@
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -26,26 +24,21 @@ SWEEP = ["--preset", "smoke", "--arch", "resnet50", "--methods", "finetune", "--
 
 @pytest.fixture
 def in_process(monkeypatch):
-    """Run reproduce.py's training subprocesses inside this process: the same scripts, without ~9 s of imports each
-    (and with one epoch of pretraining: these tests check the sweep, not the models). in_process.on_start, if set,
-    is called with each script's name before it runs."""
+    """Watch reproduce.py's in-process steps (and run them with one epoch of pretraining: these tests check the sweep,
+    not the models). in_process.on_start, if set, is called with each script's name before it runs."""
     monkeypatch.setitem(common.SMOKE, "pretrain_epochs", 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: extra threads only spin, and cost much when the CPU is shared
     hooks = SimpleNamespace(on_start=None, started=[])
+    real_run_in_process = sweep.run_in_process
 
-    def run_child(command):
-        assert command[0] == sys.executable
-        script = Path(command[1]).name
+    def run_in_process(script, flags):
         hooks.started.append(script)
         if hooks.on_start:
             hooks.on_start(script)
-        output = io.StringIO()
-        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-            status = run_script(script, *command[2:])
-        return status, output.getvalue()
+        return real_run_in_process(script, flags)
 
-    monkeypatch.setattr(sweep, "run_child", run_child)
+    monkeypatch.setattr(sweep, "run_in_process", run_in_process)
     yield hooks
     torch.set_num_threads(threads)
 
@@ -230,6 +223,104 @@ def test_sigterm_during_a_unit_keeps_finished_records(cifar_dir, workdir, in_pro
     assert in_process.started == ["pretrain.py", "finetune.py", "finetune.py"]
     assert original.read_bytes() == kept
     assert (workdir / "results/runs/resnet50-smoke_finetune_s0.json").is_file()
+
+
+def test_sigterm_inside_an_in_process_step_keeps_the_record_finishing_in_the_background(cifar_dir, workdir,
+                                                                                         in_process, capsys,
+                                                                                         monkeypatch):
+    """SIGTERM while finetune trains, with the original model's MIA still being fitted in the worker thread: the
+    sweep stops with 143 and writes the original's record; the same command then runs finetune alone."""
+    real_train = common.scripts.train
+
+    def train_then_terminate(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(common.scripts, "train", train_then_terminate)
+    methods = [*SWEEP, "--data", cifar_dir, "--units", "resnet50-s0-methods", "--no-tables", "--overlap-evaluation"]
+    assert run_script("reproduce.py", *methods) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted by SIGTERM") and "kept the 1 record(s) this call finished" in err
+    original = json.loads((workdir / "results/runs/resnet50-smoke_original_s0.json").read_text())
+    assert 0 <= original["MIA_efficacy"] <= 100
+    assert [path.name for path in (workdir / "results/runs").iterdir()] == ["resnet50-smoke_original_s0.json"]
+    assert not list((workdir / "results/locks").iterdir())
+
+    monkeypatch.setattr(common.scripts, "train", real_train)
+    assert run_script("reproduce.py", *methods) == 0
+    assert in_process.started == ["pretrain.py", "finetune.py", "finetune.py"]
+
+
+def test_a_crashing_step_stops_the_sweep_with_its_traceback_and_the_unit_resumes(cifar_dir, workdir, in_process,
+                                                                                  capsys, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    real_train = common.scripts.train
+    monkeypatch.setattr(common.scripts, "train", crash)
+    methods = [*SWEEP, "--data", cifar_dir, "--units", "resnet50-s0-methods", "--no-tables"]
+    assert run_script("reproduce.py", *methods) == 1
+    err = capsys.readouterr().err
+    assert "RuntimeError: boom" in err and "Traceback" in err
+    assert err.splitlines()[-1].startswith("error: finetune.py --arch resnet50") and "failed with exit status 1" in err
+    assert [path.name for path in (workdir / "results/runs").iterdir()] == ["resnet50-smoke_original_s0.json"]
+    assert not list((workdir / "results/locks").iterdir())
+
+    monkeypatch.setattr(common.scripts, "train", real_train)
+    assert run_script("reproduce.py", *methods) == 0
+    assert in_process.started == ["pretrain.py", "finetune.py", "finetune.py"]
+
+
+def test_overlapped_evaluation_gives_the_same_records_and_every_record_says_where_its_time_went(
+        cifar_dir, workdir, in_process, capsys, monkeypatch):
+    """The MIA's and probe's fits in a worker thread give the same metrics as in line; each record's time parts add
+    up to its seconds; the data is read from disk once for the whole sweep."""
+    reads = []
+    real_read = common.data._read_cifar10
+    monkeypatch.setattr(common.data, "_read_cifar10", lambda *args: reads.append(args) or real_read(*args))
+
+    def records():
+        found = {}
+        for path in sorted((Path.cwd() / "results/runs").iterdir()):
+            record = json.loads(path.read_text())
+            found[path.name] = {key: record[key] for key in (*common.METRIC_KEYS, "probe_UA", "probe_TA")}
+        return found, json.loads(path.read_text())
+
+    sweeps = {}
+    for flag in ("--no-overlap-evaluation", "--overlap-evaluation"):
+        (workdir / flag).mkdir()
+        os.chdir(workdir / flag)
+        assert run_script("reproduce.py", *SWEEP, "--methods", "finetune", "ga", "--data", cifar_dir, "--probe",
+                          "--no-tables", flag) == 0
+        sweeps[flag] = records()
+        out = capsys.readouterr().out
+        assert len(reads) == 1  # read by reproduce.py, shared by every step
+        reads.clear()
+        assert "  resnet50-s0-methods: " in out and "training" in out and "start-up and data" in out
+        assert out.splitlines()[-1].startswith("sweep: ")
+    inline, overlapped = sweeps["--no-overlap-evaluation"][0], sweeps["--overlap-evaluation"][0]
+    assert len(inline) == 4 and inline == overlapped
+    last = sweeps["--overlap-evaluation"][1]
+    parts = [last["time"][key] for key in sweep.TIME_PARTS]
+    assert last["time"]["training_s"] == pytest.approx(last["RTE_s"], abs=1e-3)
+    assert sum(parts) == pytest.approx(last["seconds"], abs=0.01) and min(parts) >= 0
+    assert last["time"]["background_evaluation_s"] > 0
+
+
+def test_steps_in_processes_of_their_own_give_the_records_of_in_process_steps(cifar_dir, workdir):
+    """--step-processes runs each step as a fresh `python retrain.py ...` (a real process): the same weights and
+    metrics as the step run in this process, which shares it with earlier steps (CPU training is deterministic)."""
+    results = {}
+    for mode in ([], ["--step-processes"]):
+        folder = workdir / ("processes" if mode else "in-process")
+        folder.mkdir()
+        os.chdir(folder)
+        assert run_script("reproduce.py", *SWEEP, "--data", cifar_dir, "--units", "resnet50-s0-retrain", "--no-tables",
+                          *mode) == 0
+        record = json.loads((folder / "results/runs/resnet50-smoke_retrain_s0.json").read_text())
+        results[bool(mode)] = ({key: record[key] for key in common.METRIC_KEYS},
+                               sweep.model_sha256(folder / "model_weights/resnet50-smoke_retrain_s0.pth"))
+    assert results[True] == results[False]
 
 
 def test_failed_step_shows_its_output_and_stops(workdir, capsys):
