@@ -281,7 +281,13 @@ def negated_cross_entropy(model, inputs, labels):
 
 
 def random_label_batches(ctx):
-    return common.RandomLabelBatches(ctx.forget_batches(), ctx.retain_batches(), seed=ctx.args.seed)
+    """The forget set relabelled, then the retain set; the forget set as one batch, since the retain steps that
+    follow are the ones counted."""
+    return common.RandomLabelBatches(whole_forget_set(ctx), ctx.retain_batches(), seed=ctx.args.seed)
+
+
+def whole_forget_set(ctx):
+    return ctx.forget_batches(len(ctx.splits.forget_idx))
 
 
 def l1sparse_step(model, ctx):
@@ -294,7 +300,7 @@ def l1sparse_step(model, ctx):
 def salun_step(model, ctx):
     """salun.py: the saliency mask (counted with the preparation), then SGD with the gradient masked per step."""
     params = dict(model.named_parameters())
-    mask = common.saliency_mask(model, ctx.forget_batches(), SALIENCY_SHARE)
+    mask = common.saliency_mask(model, whole_forget_set(ctx), SALIENCY_SHARE)
     weight_decay = common.BASELINE_SGD["weight_decay"]
 
     def masked_gradient():
@@ -338,7 +344,7 @@ def cost_runs(arch, methods, physical):
 
 
 def cost_data(batch, device):
-    """Random CIFAR-shaped images: retain and forget sets of 2.5 batches each (e.g. 4, 4 and 2 images), so a
+    """Random CIFAR-shaped images: retain and forget sets of 2.5 batches each (e.g. 2, 2 and 1 images), so a
     counted epoch has a first step, a steady one and a smaller last one."""
     n = 2 * batch + batch // 2
     generator = torch.Generator().manual_seed(0)
@@ -357,7 +363,7 @@ def count_method(args, arch, method, mode, dropout, data, splits):
     ctx = common.Context(method_args(args, arch, mode or "mask", extra), data, splits, common.ForgetSpec(), device,
                          1, common.PAPER_RECIPE["lr"], args.cost_batch)
     common.seed_everything(0)
-    model = common.build_model(arch).to(device, memory_format=torch.channels_last)  # as to_device does on a GPU
+    model = common.build_model(arch, args.preset).to(device, memory_format=torch.channels_last)  # as on a GPU
     if method == "scrub":
         ctx.original = copy.deepcopy(model)
 
@@ -508,8 +514,8 @@ def parse_args(argv=None):
                                                        "(default: bench)")
     parser.add_argument("--costs", action="store_true", help="count FLOPs, ops, syncs and memory per step of every "
                                                              "method instead of timing (see common.costs)")
-    parser.add_argument("--cost-batch", type=common.number(int, 2), default=4,
-                        help="images per counted step under --costs (default: 4; counts are scaled to each "
+    parser.add_argument("--cost-batch", type=common.number(int, 2), default=2,
+                        help="images per counted step under --costs (default: 2; counts are scaled to each "
                              "method's batch size)")
     parser.add_argument("--utilisation", type=common.open_unit_interval, default=costs.GPU_ASSUMPTIONS["utilisation"],
                         help="share of the GPU's peak FLOP rate assumed by the --costs time estimate (default: 0.4)")

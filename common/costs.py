@@ -6,6 +6,7 @@ The counts are properties of the code and the shapes, not of the machine: the sa
 same numbers on a laptop CPU as on a GPU host. `count_training` runs common.train itself over a few tiny batches and
 reads the steady-state step (neither the first one, which creates the optimizer state, nor the epoch-end check).
 """
+import difflib
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -75,14 +76,14 @@ def _flat(tree):
 
 class OpCounter(TorchDispatchMode):
     """Counts every dispatched op, the ops sync_reason names, and forward convolutions whose input and weight are
-    both channels-last; tracks the bytes of the storages created inside it that are still alive (`live`, `peak`),
-    and `trace`, the live bytes after each op.
+    both channels-last, and the view ops among them (no kernel on a GPU); tracks the bytes of the storages
+    created inside it that are still alive (`live`, `peak`), and `trace`, (op, live bytes) after each op.
 
     `phase` labels where the ops fall (ops_by_phase)."""
 
     def __init__(self):
         super().__init__()
-        self.ops, self.syncs, self.convolutions, self.channels_last_convolutions = 0, 0, 0, 0
+        self.ops, self.view_ops, self.syncs, self.convolutions, self.channels_last_convolutions = 0, 0, 0, 0, 0
         self.sync_ops, self.ops_by_phase = Counter(), Counter()
         self.phase = "data"
         self.live = self.peak = 0
@@ -92,7 +93,10 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func.namespace == "profiler":  # record_function markers launch nothing
+            return out
         self.ops += 1
+        self.view_ops += func.is_view
         self.ops_by_phase[self.phase] += 1
         reason = sync_reason(func, args, out)
         if reason is not None:
@@ -104,7 +108,7 @@ class OpCounter(TorchDispatchMode):
             self.channels_last_convolutions += args[0].is_contiguous(memory_format=layout) and \
                 args[1].is_contiguous(memory_format=layout)
         self._track(args, kwargs, out)
-        self.trace.append(self.live)
+        self.trace.append((func.name(), self.live))
         return out
 
     def _track(self, args, kwargs, out):
@@ -174,7 +178,7 @@ class Recorder:
         by_op = self.flops.get_flop_counts().get("Global", {})
         return {"flops": self.flops.get_total_flops(),
                 "convolution_flops": sum(n for op, n in by_op.items() if "convolution" in str(op)),
-                "ops": c.ops, "syncs": c.syncs, "sync_ops": Counter(c.sync_ops),
+                "ops": c.ops, "view_ops": c.view_ops, "syncs": c.syncs, "sync_ops": Counter(c.sync_ops),
                 "ops_by_phase": Counter(c.ops_by_phase), "convolutions": c.convolutions,
                 "channels_last_convolutions": c.channels_last_convolutions}
 
@@ -251,9 +255,11 @@ def _linear_in_batch(full, partial, full_batch, partial_batch):
 def _peak_at(full, partial, full_batch, partial_batch, batch_size):
     """Peak live bytes of a window at batch_size, from the same window run at two batch sizes: the live bytes after
     each op, each extrapolated linearly in the batch (every allocation either grows with it or does not), then the
-    largest. Where the two op sequences differ, the two windows' peaks are extrapolated instead."""
-    pairs = zip(full["trace"], partial["trace"], strict=True) if len(full["trace"]) == len(partial["trace"]) else \
-        [(full["peak_live_bytes"], partial["peak_live_bytes"])]
+    largest. The two op sequences are aligned first, as a batch of one can add a view op or two."""
+    names = [[name for name, _ in window["trace"]] for window in (full, partial)]
+    matcher = difflib.SequenceMatcher(None, *names, autojunk=False)
+    pairs = [(full["trace"][block.a + k][1], partial["trace"][block.b + k][1])
+             for block in matcher.get_matching_blocks() for k in range(block.size)]
     fits = (_linear_in_batch(a, b, full_batch, partial_batch) for a, b in pairs)
     return max(fixed + per_image * batch_size for per_image, fixed in fits)
 
@@ -263,7 +269,8 @@ def count_training(model, step, peak_batch_size, autocast_dtype=torch.bfloat16):
     step.batches, which must give at least three batches, the last one smaller (e.g. 8, 8, 4 images); the step's
     memory peak is estimated for batches of peak_batch_size.
 
-    The step's forward runs under autocast_dtype autocast on the model's device type, as the GPU path does; its
+    The step's forward runs under autocast_dtype autocast on the model's device type, as the GPU path does (None:
+    without autocast); its
     ops are the data (indexing, normalising), forward, backward (with the loop's finite-loss bookkeeping and
     before_step) and optimizer ops between two optimizer steps. Quantities that grow with the batch (FLOPs, saved
     bytes, memory) are given per image and fixed, from the last two steps; op and sync counts are the full
@@ -279,7 +286,7 @@ def count_training(model, step, peak_batch_size, autocast_dtype=torch.bfloat16):
         saved.append(SavedBytes(resident))
         recorder.counter.phase = "forward"
         before = recorder.flops.get_total_flops()
-        with saved[-1].hooks(), torch.autocast(device.type, dtype=autocast_dtype):
+        with saved[-1].hooks(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = step.loss_fn(model, inputs, labels)
         forward_flops.append(recorder.flops.get_total_flops() - before)
         recorder.counter.phase = "backward"
@@ -313,7 +320,7 @@ def count_training(model, step, peak_batch_size, autocast_dtype=torch.bfloat16):
     return {
         "flops_per_image": fits["flops"][0], "flops_fixed": fits["flops"][1],
         "forward_flops_per_image": fits["forward_flops"][0],
-        "ops_per_step": full["ops"], "ops_by_phase": full["ops_by_phase"],
+        "ops_per_step": full["ops"], "view_ops_per_step": full["view_ops"], "ops_by_phase": full["ops_by_phase"],
         "ops_depend_on_batch": full["ops"] != partial["ops"],
         "syncs_per_step": full["syncs"], "sync_ops": full["sync_ops"],
         "convolutions": full["convolutions"], "channels_last_convolutions": full["channels_last_convolutions"],
@@ -351,7 +358,7 @@ def count_evaluation(model, images, idx, batch_size, peak_batch_size):
     per_image_convolution, _ = _linear_in_batch(full["convolution_flops"], partial["convolution_flops"], sizes[-2],
                                                 sizes[-1])
     return {"flops_per_image": per_image_flops, "convolution_flops_per_image": per_image_convolution,
-            "ops_per_batch": windows[-3]["ops"],
+            "ops_per_batch": windows[-3]["ops"], "view_ops_per_batch": windows[-3]["view_ops"],
             "syncs_per_batch": windows[-3]["syncs"], "sync_ops": windows[-3]["sync_ops"],
             "resident_bytes": module_bytes(model), "peak_batch_size": peak_batch_size,
             "batch_peak_bytes": _peak_at(full, partial, sizes[-2], sizes[-1], peak_batch_size)}
