@@ -254,6 +254,7 @@ FULL_SPLIT = {"train": 50_000, "retain": 45_000, "forget": 5_000, "test": 9_000,
 MB = 1e6
 COST_COLUMNS = {"arch": "arch", "method": "method", "prune_mode": "prune mode", "lora_dropout": "LoRA dropout",
                 "batch_size": "batch", "gflops_per_image": "GFLOP/image", "ops_per_step": "ops/step",
+                "launches_per_step": "launches/step",
                 "syncs_per_step": "syncs/step", "saved_mb_per_image": "saved MB/image", "params_mb": "params MB",
                 "grads_mb": "grads MB", "optimizer_mb": "optimizer MB", "peak_mb": "est. peak MB",
                 "channels_last": "channels-last convs", "gpu_s": "est. GPU s"}
@@ -262,6 +263,7 @@ FLOOR_COLUMNS = {"arch": "arch", "method": "method", "prune_mode": "prune mode",
                  "memory_ratio": "memory / finetune", "memory_ok": "memory <= finetune",
                  "syncs_ratio": "syncs / finetune", "syncs_ok": "no syncs", "layout_ok": "all channels-last"}
 EVAL_COLUMNS = {"arch": "arch", "model": "model", "gflops_per_image": "GFLOP/image", "ops_per_batch": "ops/batch",
+                "launches_per_batch": "launches/batch",
                 "syncs_per_batch": "syncs/batch", "peak_mb": "est. peak MB", "gpu_s": "est. GPU s"}
 FLOPS_TOLERANCE = 1.05  # LoRA's own adapters may add up to 5 % above the frozen-weight floor
 
@@ -386,33 +388,33 @@ def cost_row(arch, method, mode, dropout, counts, prepare_counts, assumptions):
     batch = method_batch_size(method)
     flops = counts["flops_per_image"] * batch + counts["flops_fixed"]
     steps = common.PAPER_RECIPE["epochs"] * math.ceil(FULL_SPLIT["retain"] / batch)
+    launches = counts["ops_per_step"] - counts["view_ops_per_step"]  # a view op launches no kernel
     return {"arch": arch, "method": method, "prune_mode": mode, "lora_dropout": dropout, "batch_size": batch,
             "gflops_per_image": counts["flops_per_image"] / 1e9, "gflops_per_step": flops / 1e9,
-            "ops_per_step": counts["ops_per_step"], "syncs_per_step": counts["syncs_per_step"],
+            "ops_per_step": counts["ops_per_step"], "launches_per_step": launches,
+            "syncs_per_step": counts["syncs_per_step"],
             "saved_mb_per_image": counts["saved_bytes_per_image"] / MB,
             "saved_mb_per_step": (counts["saved_bytes_per_image"] * batch + counts["saved_bytes_fixed"]) / MB,
             "params_mb": counts["param_bytes"] / MB, "grads_mb": counts["grad_bytes"] / MB,
             "optimizer_mb": counts["optimizer_state_bytes"] / MB,
             "peak_mb": costs.peak_bytes(counts) / MB,
             "channels_last": f"{counts['channels_last_convolutions']}/{counts['convolutions']}",
-            "gpu_steps": steps, "gpu_s": steps * costs.gpu_seconds(counts["ops_per_step"], assumptions, bf16=flops),
+            "gpu_steps": steps, "gpu_s": steps * costs.gpu_seconds(launches, assumptions, bf16=flops),
             "counts": counts, "prepare": prepare_counts}
 
 
-def eval_row(args, arch, label, model, data, splits, assumptions):
+def eval_row(arch, label, counts, assumptions):
     """evaluate.py's predictions on one checkpoint (every training image, the test images of the kept classes)."""
-    model = common.finalize(model)
-    counts = costs.count_evaluation(model, data.train_images, splits.retain_idx, args.cost_batch,
-                                    common.EVAL_BATCH_SIZE)
     images = FULL_SPLIT["train"] + FULL_SPLIT["test"]
     batches = math.ceil(FULL_SPLIT["train"] / common.EVAL_BATCH_SIZE) + math.ceil(FULL_SPLIT["test"] /
                                                                                   common.EVAL_BATCH_SIZE)
     convolution = counts["convolution_flops_per_image"] * images
     other = counts["flops_per_image"] * images - convolution
+    launches = counts["ops_per_batch"] - counts["view_ops_per_batch"]
     return {"arch": arch, "model": label, "gflops_per_image": counts["flops_per_image"] / 1e9,
-            "ops_per_batch": counts["ops_per_batch"], "syncs_per_batch": counts["syncs_per_batch"],
-            "peak_mb": costs.peak_bytes(counts) / MB, "batches": batches,
-            "gpu_s": costs.gpu_seconds(counts["ops_per_batch"] * batches, assumptions, tf32=convolution, fp32=other),
+            "ops_per_batch": counts["ops_per_batch"], "launches_per_batch": launches,
+            "syncs_per_batch": counts["syncs_per_batch"], "peak_mb": costs.peak_bytes(counts) / MB, "batches": batches,
+            "gpu_s": costs.gpu_seconds(launches * batches, assumptions, tf32=convolution, fp32=other),
             "counts": counts}
 
 
@@ -446,7 +448,8 @@ def floor_rows(rows):
 def write_costs(out, results):
     common.write_json(out / "costs.json", results)
     gpu = results["gpu_assumptions"]
-    text = (f"# Cost model\n\n- counted on: {results['device']}, torch {results['torch']}, {results['date']}\n"
+    text = (f"# Cost model\n\n- counted on: {results['device']}, torch {results['torch']}, {results['date']}, "
+            f"preset {results['preset']}\n"
             f"- counted steps: batches of {results['count_batch']} images, bf16 autocast, channels-last, fused or "
             f"foreach optimizers (the GPU path's choices), scaled to each method's batch size\n"
             f"- dataset resident on the device (uint8, both splits): {results['dataset_mb']:.0f} MB, not in the "
@@ -459,6 +462,15 @@ def write_costs(out, results):
             f"is not counted.\n")
     (out / "costs.md").write_text(text)
     return text
+
+
+def estimate_text(assumptions):
+    return (f"{assumptions['gpu']}, training FLOPs at {assumptions['utilisation']:.0%} of {assumptions['bf16_tflops']} "
+            f"TFLOP/s (bf16 dense) plus {assumptions['launch_us']} us per launch (a dispatched op other than a view), "
+            f"without overlap, for the paper's workload: {common.PAPER_RECIPE['epochs']} epochs over "
+            f"{FULL_SPLIT['retain']:,} retain images at the method's batch size; peak memory = resident tensors + the "
+            f"counted step's peak above them (gradients, optimizer state, activations, temporaries), without "
+            f"allocator slack or cuDNN/cuBLAS workspaces")
 
 
 def run_costs(args):
@@ -476,18 +488,13 @@ def run_costs(args):
             rows.append(cost_row(arch, method, mode, dropout, counts, prepare_counts, assumptions))
             print(" ".join(f"{key}={common.format_cell(rows[-1][key])}" for key in COST_COLUMNS), flush=True)
             if (method, mode) in (("finetune", None), ("pruneft", "physical")):
-                label = "pruned (physical)" if mode else "full"
-                evaluation.append(eval_row(args, arch, label, model, data, splits, assumptions))
-    estimate = (f"{assumptions['gpu']}, training FLOPs at {assumptions['utilisation']:.0%} of "
-                f"{assumptions['bf16_tflops']} TFLOP/s (bf16 dense) plus {assumptions['launch_us']} us per dispatched "
-                f"op, without overlap, for the paper's workload: {common.PAPER_RECIPE['epochs']} epochs over "
-                f"{FULL_SPLIT['retain']:,} retain images at the method's batch size; peak memory = resident "
-                f"tensors + the counted step's peak above them (gradients, optimizer state, activations, "
-                f"temporaries), without allocator slack or cuDNN/cuBLAS workspaces")
+                counts = costs.count_evaluation(common.finalize(model), data.train_images, splits.retain_idx,
+                                                args.cost_batch, common.EVAL_BATCH_SIZE)
+                evaluation.append(eval_row(arch, "pruned (physical)" if mode else "full", counts, assumptions))
     results = {"device": common.device_name(args.device), "torch": str(torch.__version__),
-               "date": datetime.date.today().isoformat(), "count_batch": args.cost_batch,
+               "date": datetime.date.today().isoformat(), "preset": args.preset, "count_batch": args.cost_batch,
                "dataset_mb": (FULL_SPLIT["train"] + FULL_SPLIT["all_test"]) * 3 * common.IMAGE_SIZE ** 2 / MB,
-               "gpu_assumptions": assumptions, "estimate": estimate, "rows": rows,
+               "gpu_assumptions": assumptions, "estimate": estimate_text(assumptions), "rows": rows,
                "floors": floor_rows(rows) if "finetune" in args.methods else [], "evaluation": evaluation}
     print(write_costs(out, results))
     print(f"-> {out / 'costs.json'}, {out / 'costs.md'}")
@@ -520,7 +527,8 @@ def parse_args(argv=None):
     parser.add_argument("--utilisation", type=common.open_unit_interval, default=costs.GPU_ASSUMPTIONS["utilisation"],
                         help="share of the GPU's peak FLOP rate assumed by the --costs time estimate (default: 0.4)")
     parser.add_argument("--launch-us", type=common.positive_float, default=costs.GPU_ASSUMPTIONS["launch_us"],
-                        help="microseconds per dispatched op assumed by the --costs time estimate (default: 5)")
+                        help="microseconds per kernel launch (a dispatched op other than a view) assumed by the "
+                             "--costs time estimate (default: 5)")
     args = parser.parse_args(argv)
     if args.methods is None:
         args.methods = list(COST_METHODS if args.costs else METHODS)

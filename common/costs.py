@@ -1,6 +1,6 @@
-"""What a training step and an evaluation cost, counted on any device: FLOPs, dispatched ops (the proxy for kernel
-launches), ops that would make the host wait on a GPU, bytes saved for backward, memory and convolution layouts;
-and a GPU time estimate from those counts.
+"""What a training step and an evaluation cost, counted on any device: FLOPs, dispatched ops (those other than
+views are the kernel launches), ops that would make the host wait on a GPU, bytes saved for backward, memory and
+convolution layouts; and a GPU time estimate from those counts.
 
 The counts are properties of the code and the shapes, not of the machine: the same model, batch and step give the
 same numbers on a laptop CPU as on a GPU host. `count_training` runs common.train itself over a few tiny batches and
@@ -51,14 +51,14 @@ _EXTRA_FLOP_FORMULAS = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_f
                         aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_attention_backward_flops}
 
 
-def sync_reason(func, args, out):
+def sync_reason(func, args, kwargs, out):
     """Why op func would make a GPU host wait or copy between host and device; None if it would not."""
     packet = func.overloadpacket
     if packet is aten._local_scalar_dense:
         return HOST_READ
     if packet is aten.lift_fresh:
         return HOST_DATA
-    if packet in _DATA_DEPENDENT_OPS and not (packet is aten.repeat_interleave and "output_size" in str(args)):
+    if packet in _DATA_DEPENDENT_OPS and not (packet is aten.repeat_interleave and kwargs.get("output_size")):
         return DATA_DEPENDENT
     if packet in (aten.index, aten.index_put, aten.index_put_) and any(
             isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in _flat(args[1:2])):
@@ -98,7 +98,7 @@ class OpCounter(TorchDispatchMode):
         self.ops += 1
         self.view_ops += func.is_view
         self.ops_by_phase[self.phase] += 1
-        reason = sync_reason(func, args, out)
+        reason = sync_reason(func, args, kwargs, out)
         if reason is not None:
             self.syncs += 1
             self.sync_ops[f"{func.overloadpacket.__name__}: {reason}"] += 1
