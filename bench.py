@@ -2,6 +2,7 @@
 
     python bench.py                                   # resnet50 + vit, all four methods, 5 epochs -> bench/
     python bench.py --preset smoke --device cpu       # tiny configuration, under a minute on a CPU
+    python bench.py --costs --device cpu              # counted costs of every method -> bench/costs/
 
 Per arch and method the run is done twice in one process, from the same weights, on the same data and
 for the same epochs: (a) "reference": a PIL-decoding Dataset with ToTensor + Normalize and
@@ -10,10 +11,18 @@ scripts do; (b) "project": common.train on device-resident uint8 batches (bf16 a
 channels-last on GPU). pruneft and loraprune also run with --prune-mode physical (project loop only),
 with their parameter and MAC counts. Pretraining throughput and the time evaluate.py takes on one
 checkpoint (UA, RA, TA, MIA-efficacy) are measured once per arch. Writes bench/results.json and results.md.
+
+--costs counts instead of timing (common.costs): for every method, the five baselines included, both prune modes
+and both archs, the full-size model's steady-state training step (FLOPs, dispatched ops, host syncs, bytes saved
+for backward, memory, convolution layouts) and the evaluation of one checkpoint, on tiny batches, under the
+choices the GPU path makes (bf16 autocast, channels-last, fused or foreach optimizers), scaled to each method's
+batch size; the ratios to finetune against their floors; and an estimate of GPU time and memory from the counts.
+Writes bench/costs/costs.json and costs.md.
 """
 import contextlib
 import copy
 import datetime
+import math
 import tempfile
 from pathlib import Path
 
@@ -25,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 import common
+from common import costs
 
 METHODS = ("finetune", "pruneft", "lora", "loraprune")
 PHYSICAL_METHODS = ("pruneft", "loraprune")
@@ -97,12 +107,12 @@ def warm_up_compiled(model, batches):
     return measure.seconds
 
 
-def method_args(args, arch, prune_mode):
+def method_args(args, arch, prune_mode, extra=()):
     """The namespace a method script would parse, with its defaults (LoRA, prune amount)."""
     parser = common.make_parser(__doc__)
     common.add_common_arguments(parser)
     common.add_method_arguments(parser)
-    argv = ["--arch", arch, "--preset", args.preset, "--device", args.device, "--prune-mode", prune_mode]
+    argv = ["--arch", arch, "--preset", args.preset, "--device", args.device, "--prune-mode", prune_mode, *extra]
     return parser.parse_args(argv)
 
 
@@ -253,11 +263,271 @@ def write_results(out, results):
             f"- compile: {results['compile']}\n\n{common.markdown_table(results['rows'], COLUMNS)}\n\n{ratios}\n")
     common.write_text(out / "results.md", text)
 
+COST_METHODS = (*METHODS, "ga", "rl", "l1sparse", "salun", "scrub")
+# The baselines' batch size and settings, as their scripts' RECIPE and defaults give them.
+BASELINE_BATCH_SIZE = 256
+L1_ALPHA = 1e-4
+SALIENCY_SHARE = 0.5
+SCRUB_SETTINGS = {"kd_temperature": 4.0, "kd_gamma": 0.99, "kd_alpha": 0.001}
+COST_PREPARE = {**PREPARE, **{method: PREPARE["finetune"] for method in COST_METHODS if method not in PREPARE}}
+# CIFAR-10 with the default forget class: the image counts the per-image counts are scaled to.
+FULL_SPLIT = {"train": 50_000, "retain": 45_000, "forget": 5_000, "test": 9_000, "all_test": 10_000}
+MB = 1e6
+COST_COLUMNS = {"arch": "arch", "method": "method", "prune_mode": "prune mode", "lora_dropout": "LoRA dropout",
+                "batch_size": "batch", "gflops_per_image": "GFLOP/image", "ops_per_step": "ops/step",
+                "launches_per_step": "launches/step",
+                "syncs_per_step": "syncs/step", "saved_mb_per_image": "saved MB/image", "params_mb": "params MB",
+                "grads_mb": "grads MB", "optimizer_mb": "optimizer MB", "peak_mb": "est. peak MB",
+                "channels_last": "channels-last convs", "gpu_s": "est. GPU s"}
+FLOOR_COLUMNS = {"arch": "arch", "method": "method", "prune_mode": "prune mode", "lora_dropout": "LoRA dropout",
+                 "flops_ratio": "FLOPs / finetune", "flops_floor": "FLOPs floor", "flops_ok": "FLOPs",
+                 "memory_ratio": "memory / finetune", "memory_ok": "memory <= finetune",
+                 "syncs_ratio": "syncs / finetune", "syncs_ok": "no syncs", "layout_ok": "all channels-last"}
+EVAL_COLUMNS = {"arch": "arch", "model": "model", "gflops_per_image": "GFLOP/image", "ops_per_batch": "ops/batch",
+                "launches_per_batch": "launches/batch",
+                "syncs_per_batch": "syncs/batch", "peak_mb": "est. peak MB", "gpu_s": "est. GPU s"}
+FLOPS_TOLERANCE = 1.05  # LoRA's own adapters may add up to 5 % above the frozen-weight floor
+
+
+def adam_step(model, ctx):
+    """train_on_retain: Adam on the trainable parameters, cross-entropy on the retain set."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return costs.TrainingStep(ctx.retain_batches(), common.cross_entropy, common.make_adam(trainable, ctx.lr))
+
+
+def sgd(model, ctx, **kwargs):
+    return common.make_sgd(model.parameters(), ctx.lr, **kwargs)
+
+
+def negated_cross_entropy(model, inputs, labels):
+    return -common.cross_entropy(model, inputs, labels)
+
+
+def random_label_batches(ctx):
+    """The forget set relabelled, then the retain set; the forget set as one batch, since the retain steps that
+    follow are the ones counted."""
+    return common.RandomLabelBatches(whole_forget_set(ctx), ctx.retain_batches(), seed=ctx.args.seed)
+
+
+def whole_forget_set(ctx):
+    return ctx.forget_batches(len(ctx.splits.forget_idx))
+
+
+def l1sparse_step(model, ctx):
+    """l1sparse.py's first epoch: cross-entropy plus the full-weight l1 penalty, SGD."""
+    def loss_fn(model, inputs, labels):
+        return common.cross_entropy(model, inputs, labels) + L1_ALPHA * common.l1_norm(model)
+    return costs.TrainingStep(ctx.retain_batches(), loss_fn, sgd(model, ctx))
+
+
+def salun_step(model, ctx):
+    """salun.py: the saliency mask (counted with the preparation), then SGD with the gradient masked per step."""
+    params = dict(model.named_parameters())
+    mask = common.saliency_mask(model, whole_forget_set(ctx), SALIENCY_SHARE)
+    weight_decay = common.BASELINE_SGD["weight_decay"]
+
+    def masked_gradient():
+        with torch.no_grad():
+            for name, keep in mask.items():
+                param = params[name]
+                if param.grad is not None:
+                    param.grad.add_(param, alpha=weight_decay).mul_(keep)
+    return costs.TrainingStep(random_label_batches(ctx), common.cross_entropy, sgd(model, ctx, weight_decay=0.0),
+                              before_step=masked_gradient)
+
+
+def scrub_step(model, ctx):
+    """scrub.py's min-step on the retain set; its max-step does the same work (student and teacher forward,
+    student backward) on forget batches."""
+    teacher, kd = ctx.original.eval().requires_grad_(False), SCRUB_SETTINGS
+
+    def close_to_teacher(model, inputs, labels):
+        logits = model(inputs)
+        return (kd["kd_gamma"] * F.cross_entropy(logits, labels)
+                + kd["kd_alpha"] * common.distill_kl(logits, teacher(inputs), kd["kd_temperature"]))
+    return costs.TrainingStep(ctx.retain_batches(), close_to_teacher, sgd(model, ctx), resident=[teacher])
+
+
+# One training step of each method, as its script trains (RL and SalUn: the retain steps of their pass).
+COST_STEPS = {
+    "finetune": adam_step, "pruneft": adam_step, "lora": adam_step, "loraprune": adam_step,
+    "ga": lambda model, ctx: costs.TrainingStep(ctx.forget_batches(), negated_cross_entropy, sgd(model, ctx)),
+    "rl": lambda model, ctx: costs.TrainingStep(random_label_batches(ctx), common.cross_entropy, sgd(model, ctx)),
+    "l1sparse": l1sparse_step, "salun": salun_step, "scrub": scrub_step,
+}
+
+
+def cost_runs(arch, methods, physical):
+    """(method, prune mode, LoRA dropout) of every counted run: both prune modes, the LoRA methods with the
+    paper's dropout and with none."""
+    for method in methods:
+        modes = (["mask", "physical"] if physical else ["mask"]) if method in PHYSICAL_METHODS else [None]
+        dropouts = [common.LORA_DEFAULTS[arch]["dropout"], 0.0] if "lora" in method else [None]
+        yield from ((method, mode, dropout) for mode in modes for dropout in dropouts)
+
+
+def cost_data(batch, device):
+    """Random CIFAR-shaped images: retain and forget sets of 2.5 batches each (e.g. 2, 2 and 1 images), so a
+    counted epoch has a first step, a steady one and a smaller last one."""
+    n = 2 * batch + batch // 2
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2 * n, 3, common.IMAGE_SIZE, common.IMAGE_SIZE), dtype=torch.uint8,
+                           generator=generator)
+    others = torch.tensor([c for c in range(common.NUM_CLASSES) if c != common.DEFAULT_FORGET_CLASS])
+    labels = torch.cat([torch.full((n,), common.DEFAULT_FORGET_CLASS), others.repeat(n // len(others) + 1)[:n]])
+    data = common.CIFAR10(images.to(device), labels.to(device), images[:n].to(device), labels[:n].to(device))
+    return data, common.make_splits(data.train_labels, data.test_labels, common.ForgetSpec())
+
+
+def count_method(args, arch, method, mode, dropout, data, splits):
+    """(prepared model, counts of preparing it, counts of its training step), the model on the GPU path's layout."""
+    device = torch.device(args.device)
+    extra = [] if dropout is None else ["--lora-dropout", str(dropout)]
+    ctx = common.Context(method_args(args, arch, mode or "mask", extra), data, splits, common.ForgetSpec(), device,
+                         1, common.PAPER_RECIPE["lr"], args.cost_batch)
+    common.seed_everything(0)
+    model = common.build_model(arch, args.preset).to(device, memory_format=torch.channels_last)  # as on a GPU
+    if method == "scrub":
+        ctx.original = copy.deepcopy(model)
+
+    def prepare():
+        prepared = COST_PREPARE[method](model, ctx)
+        return prepared, COST_STEPS[method](prepared, ctx)
+    (prepared, step), prepare_counts = costs.count_ops(prepare)
+    step.optimizer = costs.as_on_gpu_optimizer(step.optimizer)
+    step.batches = costs.ChannelsLastBatches(step.batches)
+    return prepared, prepare_counts, costs.count_training(prepared, step, method_batch_size(method))
+
+
+def method_batch_size(method):
+    return common.PAPER_RECIPE["batch_size"] if method in METHODS else BASELINE_BATCH_SIZE
+
+
+def cost_row(arch, method, mode, dropout, counts, prepare_counts, assumptions):
+    """A table row: the counts scaled to the method's batch size, the estimated peak memory, and the estimated GPU
+    time of the paper's workload (5 epochs over the retain set) at that batch size."""
+    batch = method_batch_size(method)
+    flops = counts["flops_per_image"] * batch + counts["flops_fixed"]
+    steps = common.PAPER_RECIPE["epochs"] * math.ceil(FULL_SPLIT["retain"] / batch)
+    launches = counts["ops_per_step"] - counts["view_ops_per_step"]  # a view op launches no kernel
+    return {"arch": arch, "method": method, "prune_mode": mode, "lora_dropout": dropout, "batch_size": batch,
+            "gflops_per_image": counts["flops_per_image"] / 1e9, "gflops_per_step": flops / 1e9,
+            "ops_per_step": counts["ops_per_step"], "launches_per_step": launches,
+            "syncs_per_step": counts["syncs_per_step"],
+            "saved_mb_per_image": counts["saved_bytes_per_image"] / MB,
+            "saved_mb_per_step": (counts["saved_bytes_per_image"] * batch + counts["saved_bytes_fixed"]) / MB,
+            "params_mb": counts["param_bytes"] / MB, "grads_mb": counts["grad_bytes"] / MB,
+            "optimizer_mb": counts["optimizer_state_bytes"] / MB,
+            "peak_mb": costs.peak_bytes(counts) / MB,
+            "channels_last": f"{counts['channels_last_convolutions']}/{counts['convolutions']}",
+            "gpu_steps": steps, "gpu_s": steps * costs.gpu_seconds(launches, assumptions, bf16=flops),
+            "counts": counts, "prepare": prepare_counts}
+
+
+def eval_row(arch, label, counts, assumptions):
+    """evaluate.py's predictions on one checkpoint (every training image, the test images of the kept classes)."""
+    images = FULL_SPLIT["train"] + FULL_SPLIT["test"]
+    batches = math.ceil(FULL_SPLIT["train"] / common.EVAL_BATCH_SIZE) + math.ceil(FULL_SPLIT["test"] /
+                                                                                  common.EVAL_BATCH_SIZE)
+    convolution = counts["convolution_flops_per_image"] * images
+    other = counts["flops_per_image"] * images - convolution
+    launches = counts["ops_per_batch"] - counts["view_ops_per_batch"]
+    return {"arch": arch, "model": label, "gflops_per_image": counts["flops_per_image"] / 1e9,
+            "ops_per_batch": counts["ops_per_batch"], "launches_per_batch": launches,
+            "syncs_per_batch": counts["syncs_per_batch"], "peak_mb": costs.peak_bytes(counts) / MB, "batches": batches,
+            "gpu_s": costs.gpu_seconds(launches * batches, assumptions, tf32=convolution, fp32=other),
+            "counts": counts}
+
+
+def verdict(ok):
+    return None if ok is None else ("pass" if ok else "FAIL")
+
+
+def floor_rows(rows):
+    """Each row's ratios to finetune (same arch) and whether it meets its floors: a LoRA variant's FLOPs at most
+    its own model's forward plus input-gradient work (2x its forward: the frozen weights need no gradient) and its
+    memory at most finetune's; no host sync in any step; every convolution channels-last."""
+    finetune = {row["arch"]: row for row in rows if row["method"] == "finetune"}
+    out = []
+    for row in rows:
+        base = finetune[row["arch"]]
+        lora = row["lora_dropout"] is not None
+        flops_floor = 2 * row["counts"]["forward_flops_per_image"] / base["counts"]["flops_per_image"] if lora else None
+        flops_ratio = row["gflops_per_image"] / base["gflops_per_image"]
+        memory_ratio = row["peak_mb"] / base["peak_mb"]
+        convolutions = row["counts"]["convolutions"]
+        out.append({key: row[key] for key in ("arch", "method", "prune_mode", "lora_dropout")} | {
+            "flops_ratio": flops_ratio, "flops_floor": flops_floor,
+            "flops_ok": verdict(flops_ratio <= flops_floor * FLOPS_TOLERANCE if lora else None),
+            "memory_ratio": memory_ratio, "memory_ok": verdict(memory_ratio <= 1 if lora else None),
+            "syncs_ratio": row["syncs_per_step"] / base["syncs_per_step"] if base["syncs_per_step"] else None,
+            "syncs_ok": verdict(row["syncs_per_step"] == 0),
+            "layout_ok": verdict(row["counts"]["channels_last_convolutions"] == convolutions)})
+    return out
+
+
+def write_costs(out, results):
+    common.write_json(out / "costs.json", results)
+    gpu = results["gpu_assumptions"]
+    text = (f"# Cost model\n\n- counted on: {results['device']}, torch {results['torch']}, {results['date']}, "
+            f"preset {results['preset']}\n"
+            f"- counted steps: batches of {results['count_batch']} images, bf16 autocast, channels-last, fused or "
+            f"foreach optimizers (the GPU path's choices), scaled to each method's batch size\n"
+            f"- dataset resident on the device (uint8, both splits): {results['dataset_mb']:.0f} MB, not in the "
+            f"peaks\n\n## Training step\n\n{common.markdown_table(results['rows'], COST_COLUMNS)}\n\n"
+            f"**est. GPU s and est. peak MB are estimates, not measurements**: {results['estimate']}\n\n"
+            f"## Floors (ratios to finetune)\n\n{common.markdown_table(results['floors'], FLOOR_COLUMNS)}\n\n"
+            f"## Evaluation of one checkpoint\n\n{common.markdown_table(results['evaluation'], EVAL_COLUMNS)}\n\n"
+            f"Evaluation runs in fp32: convolutions at {gpu['tf32_tflops']} TFLOP/s (TF32), the rest at "
+            f"{gpu['fp32_tflops']} TFLOP/s, both at the same utilisation; the SVC of the MIA runs on the host and "
+            f"is not counted.\n")
+    (out / "costs.md").write_text(text)
+    return text
+
+
+def estimate_text(assumptions):
+    return (f"{assumptions['gpu']}, training FLOPs at {assumptions['utilisation']:.0%} of {assumptions['bf16_tflops']} "
+            f"TFLOP/s (bf16 dense) plus {assumptions['launch_us']} us per launch (a dispatched op other than a view), "
+            f"without overlap, for the paper's workload: {common.PAPER_RECIPE['epochs']} epochs over "
+            f"{FULL_SPLIT['retain']:,} retain images at the method's batch size; peak memory = resident tensors + the "
+            f"counted step's peak above them (gradients, optimizer state, activations, temporaries), without "
+            f"allocator slack or cuDNN/cuBLAS workspaces")
+
+
+def run_costs(args):
+    """--costs: count every method's training step and evaluation (common.costs); write costs.json and costs.md."""
+    out = Path(args.out) / "costs"
+    common.check_writable(out / "costs.json", "--out")
+    assumptions = dict(costs.GPU_ASSUMPTIONS, utilisation=args.utilisation, launch_us=args.launch_us)
+    device = torch.device(args.device)
+    data, splits = cost_data(args.cost_batch, device)
+    physical = has_torch_pruning()
+    rows, evaluation = [], []
+    for arch in args.arch:
+        for method, mode, dropout in cost_runs(arch, args.methods, physical):
+            model, prepare_counts, counts = count_method(args, arch, method, mode, dropout, data, splits)
+            rows.append(cost_row(arch, method, mode, dropout, counts, prepare_counts, assumptions))
+            print(" ".join(f"{key}={common.format_cell(rows[-1][key])}" for key in COST_COLUMNS), flush=True)
+            if (method, mode) in (("finetune", None), ("pruneft", "physical")):
+                counts = costs.count_evaluation(common.finalize(model), data.train_images, splits.retain_idx,
+                                                args.cost_batch, common.EVAL_BATCH_SIZE)
+                evaluation.append(eval_row(arch, "pruned (physical)" if mode else "full", counts, assumptions))
+    results = {"device": common.device_name(args.device), "torch": str(torch.__version__),
+               "date": datetime.date.today().isoformat(), "preset": args.preset, "count_batch": args.cost_batch,
+               "dataset_mb": (FULL_SPLIT["train"] + FULL_SPLIT["all_test"]) * 3 * common.IMAGE_SIZE ** 2 / MB,
+               "gpu_assumptions": assumptions, "estimate": estimate_text(assumptions), "rows": rows,
+               "floors": floor_rows(rows) if "finetune" in args.methods else [], "evaluation": evaluation}
+    print(write_costs(out, results))
+    print(f"-> {out / 'costs.json'}, {out / 'costs.md'}")
+    return results
+
 
 def parse_args(argv=None):
     parser = common.make_parser(__doc__)
     parser.add_argument("--arch", nargs="+", default=list(common.ARCHS), choices=common.ARCHS, help="archs to time")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to time")
+    parser.add_argument("--methods", nargs="+", choices=COST_METHODS,
+                        help="methods to time (default: the four paper methods) or, with --costs, to count (default: "
+                             "all nine)")
     parser.add_argument("--epochs", type=common.positive_int,
                         help="unlearning epochs (default: 5, under --preset smoke 1)")
     parser.add_argument("--preset", default="full", choices=common.PRESETS, help="full or smoke (default: full)")
@@ -269,12 +539,30 @@ def parse_args(argv=None):
                                                                  "reported separately)")
     parser.add_argument("--limit", type=common.number(int, 5),
                         help="use only the first LIMIT training and LIMIT/5 test images (full-size models on a CPU)")
-    parser.add_argument("--out", default="bench", help="folder for results.json and results.md (default: bench)")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", default="bench", help="folder for results.json and results.md, and for costs/ "
+                                                       "(default: bench)")
+    parser.add_argument("--costs", action="store_true", help="count FLOPs, ops, syncs and memory per step of every "
+                                                             "method instead of timing (see common.costs)")
+    parser.add_argument("--cost-batch", type=common.number(int, 2), default=2,
+                        help="images per counted step under --costs (default: 2; counts are scaled to each "
+                             "method's batch size)")
+    parser.add_argument("--utilisation", type=common.open_unit_interval, default=costs.GPU_ASSUMPTIONS["utilisation"],
+                        help="share of the GPU's peak FLOP rate assumed by the --costs time estimate (default: 0.4)")
+    parser.add_argument("--launch-us", type=common.positive_float, default=costs.GPU_ASSUMPTIONS["launch_us"],
+                        help="microseconds per kernel launch (a dispatched op other than a view) assumed by the "
+                             "--costs time estimate (default: 5)")
+    args = parser.parse_args(argv)
+    if args.methods is None:
+        args.methods = list(COST_METHODS if args.costs else METHODS)
+    elif not args.costs and set(args.methods) - set(METHODS):
+        parser.error(f"timing covers {', '.join(METHODS)}; the baselines are counted with --costs")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.costs:
+        return run_costs(args)
     if args.epochs is None:
         args.epochs = common.SMOKE["epochs"] if args.preset == "smoke" else common.PAPER_RECIPE["epochs"]
     out = Path(args.out)

@@ -11,6 +11,7 @@ Scripts `import common` and call `common.prune(...)`; nothing here imports a scr
     checkpoints, evaluation      saving, loading, naming; one checkpoint's metrics and tables
     arguments, scripts           flag helpers; the command-line runner, run_method, run_from_scratch
     representation               Probe-UA, CKA and relearn time (common.representation)
+    costs                        counted costs of a training step and an evaluation (common.costs)
     sweep, launch                the sweep behind reproduce.py and its parallel launchers
 """
 from .adapters import LoraSettings, add_lora, finalize, lora_settings
