@@ -14,14 +14,15 @@ checkpoint (UA, RA, TA, MIA-efficacy) are measured once per arch. Writes bench/r
 
 --costs counts instead of timing (common.costs): for every method, the five baselines included, both prune modes
 and both archs, the full-size model's steady-state training step (FLOPs, dispatched ops, host syncs, bytes saved
-for backward, memory, convolution layouts) and the evaluation of one checkpoint, on tiny batches, under the
-choices the GPU path makes (bf16 autocast, channels-last, fused or foreach optimizers), scaled to each method's
-batch size; the ratios to finetune against their floors; and an estimate of GPU time and memory from the counts.
-Writes bench/costs/costs.json and costs.md.
+for backward, memory, convolution layouts) and the evaluation of one checkpoint, on tiny batches, in the GPU-shaped
+mode (UNLEARN_GPU_SHAPED=1: the code a GPU runs, with bf16 autocast, channels-last, fused or foreach optimizers),
+scaled to each method's batch size; the ratios to finetune against their floors; and an estimate of GPU time and
+memory from the counts. Writes bench/costs/costs.json and costs.md.
 """
 import contextlib
 import copy
 import datetime
+import functools
 import math
 import tempfile
 from pathlib import Path
@@ -266,9 +267,6 @@ def write_results(out, results):
 COST_METHODS = (*METHODS, "ga", "rl", "l1sparse", "salun", "scrub")
 # The baselines' batch size and settings, as their scripts' RECIPE and defaults give them.
 BASELINE_BATCH_SIZE = 256
-L1_ALPHA = 1e-4
-SALIENCY_SHARE = 0.5
-SCRUB_SETTINGS = {"kd_temperature": 4.0, "kd_gamma": 0.99, "kd_alpha": 0.001}
 COST_PREPARE = {**PREPARE, **{method: PREPARE["finetune"] for method in COST_METHODS if method not in PREPARE}}
 # CIFAR-10 with the default forget class: the image counts the per-image counts are scaled to.
 FULL_SPLIT = {"train": 50_000, "retain": 45_000, "forget": 5_000, "test": 9_000, "all_test": 10_000}
@@ -299,10 +297,6 @@ def sgd(model, ctx, **kwargs):
     return common.make_sgd(model.parameters(), ctx.lr, **kwargs)
 
 
-def negated_cross_entropy(model, inputs, labels):
-    return -common.cross_entropy(model, inputs, labels)
-
-
 def random_label_batches(ctx):
     """The forget set relabelled, then the retain set; the forget set as one batch, since the retain steps that
     follow are the ones counted."""
@@ -314,24 +308,16 @@ def whole_forget_set(ctx):
 
 
 def l1sparse_step(model, ctx):
-    """l1sparse.py's first epoch: cross-entropy plus the full-weight l1 penalty, SGD."""
-    def loss_fn(model, inputs, labels):
-        return common.cross_entropy(model, inputs, labels) + L1_ALPHA * common.l1_norm(model)
-    return costs.TrainingStep(ctx.retain_batches(), loss_fn, sgd(model, ctx))
+    """l1sparse.py's first epoch: cross-entropy, then the full-weight l1 penalty's gradient added, SGD."""
+    params = list(model.parameters())
+    return costs.TrainingStep(ctx.retain_batches(), common.cross_entropy, sgd(model, ctx),
+                              before_step=functools.partial(common.add_l1_gradient, params, common.L1_ALPHA))
 
 
 def salun_step(model, ctx):
     """salun.py: the saliency mask (counted with the preparation), then SGD with the gradient masked per step."""
-    params = dict(model.named_parameters())
-    mask = common.saliency_mask(model, whole_forget_set(ctx), SALIENCY_SHARE)
-    weight_decay = common.BASELINE_SGD["weight_decay"]
-
-    def masked_gradient():
-        with torch.no_grad():
-            for name, keep in mask.items():
-                param = params[name]
-                if param.grad is not None:
-                    param.grad.add_(param, alpha=weight_decay).mul_(keep)
+    mask = common.saliency_mask(model, whole_forget_set(ctx), common.SALIENCY_SHARE)
+    masked_gradient = common.masked_gradient(dict(model.named_parameters()), mask, common.BASELINE_SGD["weight_decay"])
     return costs.TrainingStep(random_label_batches(ctx), common.cross_entropy, sgd(model, ctx, weight_decay=0.0),
                               before_step=masked_gradient)
 
@@ -339,19 +325,17 @@ def salun_step(model, ctx):
 def scrub_step(model, ctx):
     """scrub.py's min-step on the retain set; its max-step does the same work (student and teacher forward,
     student backward) on forget batches."""
-    teacher, kd = ctx.original.eval().requires_grad_(False), SCRUB_SETTINGS
-
-    def close_to_teacher(model, inputs, labels):
-        logits = model(inputs)
-        return (kd["kd_gamma"] * F.cross_entropy(logits, labels)
-                + kd["kd_alpha"] * common.distill_kl(logits, teacher(inputs), kd["kd_temperature"]))
+    teacher = ctx.original.eval().requires_grad_(False)
+    kd = common.SCRUB_DISTILLATION
+    close_to_teacher = common.close_to_teacher(teacher, kd["kd_temperature"], kd["kd_gamma"], kd["kd_alpha"])
     return costs.TrainingStep(ctx.retain_batches(), close_to_teacher, sgd(model, ctx), resident=[teacher])
 
 
 # One training step of each method, as its script trains (RL and SalUn: the retain steps of their pass).
 COST_STEPS = {
     "finetune": adam_step, "pruneft": adam_step, "lora": adam_step, "loraprune": adam_step,
-    "ga": lambda model, ctx: costs.TrainingStep(ctx.forget_batches(), negated_cross_entropy, sgd(model, ctx)),
+    "ga": lambda model, ctx: costs.TrainingStep(ctx.forget_batches(), common.negated_cross_entropy,
+                                                   sgd(model, ctx)),
     "rl": lambda model, ctx: costs.TrainingStep(random_label_batches(ctx), common.cross_entropy, sgd(model, ctx)),
     "l1sparse": l1sparse_step, "salun": salun_step, "scrub": scrub_step,
 }
@@ -380,23 +364,27 @@ def cost_data(batch, device):
 
 
 def count_method(args, arch, method, mode, dropout, data, splits):
-    """(prepared model, counts of preparing it, counts of its training step), the model on the GPU path's layout."""
+    """(prepared model, counts of preparing it, counts of its training step), counted in the GPU-shaped mode
+    (common.gpu_shaped_mode): the project's own GPU code paths (channels-last, bf16 autocast, fused or foreach
+    optimizers) on any device."""
     device = torch.device(args.device)
     extra = [] if dropout is None else ["--lora-dropout", str(dropout)]
     ctx = common.Context(method_args(args, arch, mode or "mask", extra), data, splits, common.ForgetSpec(), device,
                          1, common.PAPER_RECIPE["lr"], args.cost_batch)
-    common.seed_everything(0)
-    model = common.build_model(arch, args.preset).to(device, memory_format=torch.channels_last)  # as on a GPU
-    if method == "scrub":
-        ctx.original = copy.deepcopy(model)
+    with common.gpu_shaped_mode():
+        common.normalize(data.train_images[:1])  # its constants are made once per process: in no method's count
+        if "lora" in method:
+            import peft  # noqa: F401  (peft builds tensors as it is imported: they belong to no method's count)
+        common.seed_everything(0)
+        model = common.to_device(common.build_model(arch, args.preset), device)
+        if method == "scrub":
+            ctx.original = copy.deepcopy(model)
 
-    def prepare():
-        prepared = COST_PREPARE[method](model, ctx)
-        return prepared, COST_STEPS[method](prepared, ctx)
-    (prepared, step), prepare_counts = costs.count_ops(prepare)
-    step.optimizer = costs.as_on_gpu_optimizer(step.optimizer)
-    step.batches = costs.ChannelsLastBatches(step.batches)
-    return prepared, prepare_counts, costs.count_training(prepared, step, method_batch_size(method))
+        def prepare():
+            prepared = COST_PREPARE[method](model, ctx)
+            return prepared, COST_STEPS[method](prepared, ctx)
+        (prepared, step), prepare_counts = costs.count_ops(prepare)
+        return prepared, prepare_counts, costs.count_training(prepared, step, method_batch_size(method))
 
 
 def method_batch_size(method):
@@ -471,8 +459,9 @@ def write_costs(out, results):
     gpu = results["gpu_assumptions"]
     text = (f"# Cost model\n\n- counted on: {results['device']}, torch {results['torch']}, {results['date']}, "
             f"preset {results['preset']}\n"
-            f"- counted steps: batches of {results['count_batch']} images, bf16 autocast, channels-last, fused or "
-            f"foreach optimizers (the GPU path's choices), scaled to each method's batch size\n"
+            f"- counted steps: batches of {results['count_batch']} images in the GPU-shaped mode "
+            f"({common.GPU_SHAPED_ENV}=1: the project's own GPU code paths, bf16 autocast, channels-last, fused or "
+            f"foreach optimizers), scaled to each method's batch size\n"
             f"- dataset resident on the device (uint8, both splits): {results['dataset_mb']:.0f} MB, not in the "
             f"peaks\n\n## Training step\n\n{common.markdown_table(results['rows'], COST_COLUMNS)}\n\n"
             f"**est. GPU s and est. peak MB are estimates, not measurements**: {results['estimate']}\n\n"
@@ -509,8 +498,9 @@ def run_costs(args):
             rows.append(cost_row(arch, method, mode, dropout, counts, prepare_counts, assumptions))
             print(" ".join(f"{key}={common.format_cell(rows[-1][key])}" for key in COST_COLUMNS), flush=True)
             if (method, mode) in (("finetune", None), ("pruneft", "physical")):
-                counts = costs.count_evaluation(common.finalize(model), data.train_images, splits.retain_idx,
-                                                args.cost_batch, common.EVAL_BATCH_SIZE)
+                with common.gpu_shaped_mode():
+                    counts = costs.count_evaluation(common.finalize(model), data.train_images, splits.retain_idx,
+                                                    args.cost_batch, common.EVAL_BATCH_SIZE)
                 evaluation.append(eval_row(arch, "pruned (physical)" if mode else "full", counts, assumptions))
     results = {"device": common.device_name(args.device), "torch": str(torch.__version__),
                "date": datetime.date.today().isoformat(), "preset": args.preset, "count_batch": args.cost_batch,

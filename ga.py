@@ -9,16 +9,12 @@ import common
 RECIPE = {"epochs": 5, "lr": 1e-4, "batch_size": 256}
 
 
-def negated_cross_entropy(model, inputs, labels):
-    return -common.cross_entropy(model, inputs, labels)
-
-
 def unlearn(model, ctx):
     return model
 
 
 def fit(model, ctx):
-    return common.train(model, ctx.forget_batches(), ctx.epochs, loss_fn=negated_cross_entropy,
+    return common.train(model, ctx.forget_batches(), ctx.epochs, loss_fn=common.negated_cross_entropy,
                         optimizer=common.make_sgd(model.parameters(), ctx.lr), desc="ga")
 
 

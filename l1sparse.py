@@ -44,7 +44,7 @@ def fit(model, ctx):
 
 def add_arguments(parser):
     parser.set_defaults(recipe=RECIPE)
-    parser.add_argument("--l1-alpha", type=common.nonnegative_float, default=1e-4,
+    parser.add_argument("--l1-alpha", type=common.nonnegative_float, default=common.L1_ALPHA,
                         help="initial weight of the l1 penalty (default: 1e-4)")
     parser.add_argument("--no-l1-epochs", type=common.nonnegative_int, default=0,
                         help="final epochs trained without the penalty (default: 0, as in Unlearn-Sparse)")

@@ -31,18 +31,7 @@ def fit(model, ctx):
     step_lr = SALIENCY_STEP_LR if ctx.args.saliency == "stepped" else None
     mask = common.saliency_mask(model, ctx.forget_batches(), share, step_lr)
     frozen = {name: params[name].detach()[~keep].clone() for name, keep in mask.items()}
-    weight_decay = common.BASELINE_SGD["weight_decay"]
-
-    masked = [(params[name], keep) for name, keep in mask.items()]
-
-    def masked_gradient():  # grad = (grad + weight_decay * w) * mask, in two multi-tensor ops for all parameters
-        with torch.no_grad():
-            with_grad = [(param.grad, param, keep) for param, keep in masked if param.grad is not None]
-            if with_grad:
-                grads, weights, keeps = map(list, zip(*with_grad, strict=True))
-                torch._foreach_add_(grads, weights, alpha=weight_decay)
-                torch._foreach_mul_(grads, keeps)
-
+    masked_gradient = common.masked_gradient(params, mask, common.BASELINE_SGD["weight_decay"])
     optimizer = common.make_sgd(model.parameters(), ctx.lr, weight_decay=0.0)
     batches = common.RandomLabelBatches(ctx.forget_batches(), ctx.retain_batches(), seed=ctx.args.seed)
     common.train(model, batches, ctx.epochs, optimizer=optimizer, before_step=masked_gradient, desc="salun")
@@ -59,7 +48,7 @@ def fit(model, ctx):
 
 def add_arguments(parser):
     parser.set_defaults(recipe=RECIPE)
-    parser.add_argument("--saliency-share", type=common.unit_interval_open_below, default=0.5,
+    parser.add_argument("--saliency-share", type=common.unit_interval_open_below, default=common.SALIENCY_SHARE,
                         help="share of all weights that training may change (default: 0.5)")
     parser.add_argument("--saliency", default="paper", choices=("paper", "stepped"),
                         help="paper: every forget gradient at the original weights, as in the SalUn paper; stepped: "

@@ -8,8 +8,6 @@ pass over the retain set minimising gamma * CE + alpha * KL (KL at temperature T
 CIFAR-10 cell of SCRUB's large_scale_unlearning.ipynb: 3 epochs, lr 5e-4, retain batch 256, forget batch 512,
 msteps 2, T 4, gamma 0.99, alpha 0.001, SGD with momentum 0.9 and weight decay 5e-4, lr x0.1 after epochs 3, 5, 9.
 """
-import torch.nn.functional as F
-
 import common
 
 RECIPE = {"epochs": 3, "lr": 5e-4, "batch_size": 256}
@@ -25,14 +23,8 @@ def fit(model, ctx):
                            ("msteps", "kd_temperature", "kd_gamma", "kd_alpha", "forget_batch_size", "lr_decay_epochs")}
     ctx.hyperparameters["optimizer"] = "sgd"
 
-    def away_from_teacher(model, inputs, labels):
-        return -common.distill_kl(model(inputs), teacher(inputs), args.kd_temperature)
-
-    def close_to_teacher(model, inputs, labels):
-        logits = model(inputs)
-        return (args.kd_gamma * F.cross_entropy(logits, labels)
-                + args.kd_alpha * common.distill_kl(logits, teacher(inputs), args.kd_temperature))
-
+    away_from_teacher = common.away_from_teacher(teacher, args.kd_temperature)
+    close_to_teacher = common.close_to_teacher(teacher, args.kd_temperature, args.kd_gamma, args.kd_alpha)
     optimizer = common.make_sgd(model.parameters(), ctx.lr)
     forget, retain = ctx.forget_batches(args.forget_batch_size), ctx.retain_batches()
     for epoch in range(1, ctx.epochs + 1):
@@ -46,13 +38,14 @@ def fit(model, ctx):
 
 def add_arguments(parser):
     parser.set_defaults(recipe=RECIPE, needs_original=True)
+    distillation = common.SCRUB_DISTILLATION
     parser.add_argument("--msteps", type=common.nonnegative_int, default=2,
                         help="epochs that start with a max-step (default: 2)")
-    parser.add_argument("--kd-temperature", type=common.positive_float, default=4.0,
+    parser.add_argument("--kd-temperature", type=common.positive_float, default=distillation["kd_temperature"],
                         help="distillation temperature (default: 4)")
-    parser.add_argument("--kd-gamma", type=common.nonnegative_float, default=0.99,
+    parser.add_argument("--kd-gamma", type=common.nonnegative_float, default=distillation["kd_gamma"],
                         help="weight of the retain CE (default: 0.99)")
-    parser.add_argument("--kd-alpha", type=common.nonnegative_float, default=0.001,
+    parser.add_argument("--kd-alpha", type=common.nonnegative_float, default=distillation["kd_alpha"],
                         help="weight of the retain KL (default: 0.001)")
     parser.add_argument("--forget-batch-size", type=common.positive_int, default=512,
                         help="batch size of max-steps (default: 512)")

@@ -41,7 +41,21 @@ from .arguments import (
     unit_interval_open_below,
     with_overrides,
 )
-from .baselines import RandomLabelBatches, add_l1_gradient, distill_kl, l1_norm, random_other_labels, saliency_mask
+from .baselines import (
+    L1_ALPHA,
+    SALIENCY_SHARE,
+    SCRUB_DISTILLATION,
+    RandomLabelBatches,
+    add_l1_gradient,
+    away_from_teacher,
+    close_to_teacher,
+    distill_kl,
+    l1_norm,
+    masked_gradient,
+    negated_cross_entropy,
+    random_other_labels,
+    saliency_mask,
+)
 from .checkpoints import (
     NAMED_OR_NEUTRAL_FLAGS,
     device_name,
@@ -122,6 +136,7 @@ from .settings import (
     SMOKE,
     WEIGHTS_DIR,
     gpu_shaped,
+    gpu_shaped_mode,
     preset_recipe,
 )
 from .training import (

@@ -1,5 +1,6 @@
-"""Pieces the baselines train with: random other labels (RL, SalUn), distillation (SCRUB), the L1 penalty
-(l1-sparse) and SalUn's weight saliency."""
+"""Pieces the baselines train with, shared by their scripts and bench.py's cost count: GA's loss, random other labels
+(RL, SalUn), distillation and SCRUB's two losses, the L1 penalty (l1-sparse), SalUn's weight saliency and masked
+gradient, and the defaults of their settings."""
 import copy
 
 import torch
@@ -7,6 +8,15 @@ import torch.nn.functional as F
 
 from .settings import NUM_CLASSES
 from .training import cross_entropy, make_sgd
+
+L1_ALPHA = 1e-4  # l1sparse.py's --l1-alpha
+SALIENCY_SHARE = 0.5  # salun.py's --saliency-share
+SCRUB_DISTILLATION = {"kd_temperature": 4.0, "kd_gamma": 0.99, "kd_alpha": 0.001}  # scrub.py's defaults
+
+
+def negated_cross_entropy(model, inputs, labels):
+    """GA's loss: gradient ascent on the cross-entropy."""
+    return -cross_entropy(model, inputs, labels)
 
 
 def random_other_labels(labels, generator=None):
@@ -36,6 +46,21 @@ def distill_kl(student_logits, teacher_logits, temperature):
     """KL(teacher || student) of temperature-softened outputs, times T^2 (Hinton distillation, as in SCRUB)."""
     return F.kl_div(F.log_softmax(student_logits.float() / temperature, 1),
                     F.softmax(teacher_logits.float() / temperature, 1), reduction="batchmean") * temperature ** 2
+
+
+def away_from_teacher(teacher, temperature):
+    """SCRUB's max-step loss on the forget set: -KL(teacher || student)."""
+    def loss_fn(model, inputs, labels):
+        return -distill_kl(model(inputs), teacher(inputs), temperature)
+    return loss_fn
+
+
+def close_to_teacher(teacher, temperature, gamma, alpha):
+    """SCRUB's min-step loss on the retain set: gamma * CE + alpha * KL(teacher || student)."""
+    def loss_fn(model, inputs, labels):
+        logits = model(inputs)
+        return gamma * F.cross_entropy(logits, labels) + alpha * distill_kl(logits, teacher(inputs), temperature)
+    return loss_fn
 
 
 def l1_norm(model):
@@ -80,3 +105,18 @@ def saliency_mask(model, batches, share, step_lr=None):
     keep[torch.topk(flat, round(share * flat.numel()), sorted=False).indices] = True
     sizes = [p.numel() for p in params.values()]
     return {name: k.view_as(params[name]) for name, k in zip(params, keep.split(sizes), strict=True)}
+
+
+def masked_gradient(params, mask, weight_decay):
+    """SalUn's before_step: grad = (grad + weight_decay * w) * mask for every {name: bool mask} of mask, params
+    {name: parameter}, in two multi-tensor (foreach) ops for all parameters."""
+    masked = [(params[name], keep) for name, keep in mask.items()]
+
+    def before_step():
+        with torch.no_grad():
+            with_grad = [(param.grad, param, keep) for param, keep in masked if param.grad is not None]
+            if with_grad:
+                grads, weights, keeps = map(list, zip(*with_grad, strict=True))
+                torch._foreach_add_(grads, weights, alpha=weight_decay)
+                torch._foreach_mul_(grads, keeps)
+    return before_step

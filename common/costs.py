@@ -5,6 +5,8 @@ convolution layouts; and a GPU time estimate from those counts.
 The counts are properties of the code and the shapes, not of the machine: the same model, batch and step give the
 same numbers on a laptop CPU as on a GPU host. `count_training` runs common.train itself over a few tiny batches and
 reads the steady-state step (neither the first one, which creates the optimizer state, nor the epoch-end check).
+To count what a GPU runs on a CPU, set up and count under settings.gpu_shaped_mode (as bench.py --costs does): the
+project's own GPU code paths (bf16 autocast, channels-last, fused or foreach optimizers) then run.
 """
 import difflib
 import weakref
@@ -209,31 +211,6 @@ def optimizer_state_bytes(optimizer):
     return tensor_bytes([v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)])
 
 
-def as_on_gpu_optimizer(optimizer):
-    """The optimizer implementation a CUDA device gets: make_adam asks for fused Adam there, and torch.optim
-    defaults to its foreach implementation; CPU would otherwise run one op per parameter. Call before any step."""
-    for group in optimizer.param_groups:
-        if isinstance(optimizer, torch.optim.Adam) and group.get("fused") is False:
-            group["fused"] = True
-        elif group.get("foreach") is None and not group.get("fused"):
-            group["foreach"] = True
-    return optimizer
-
-
-class ChannelsLastBatches:
-    """batches with channels-last inputs, as normalize() gives them on a GPU."""
-
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        for inputs, labels in self.batches:
-            yield inputs.contiguous(memory_format=torch.channels_last), labels
-
-
 @dataclass
 class TrainingStep:
     """What a method trains with, as its script sets it up: batches, loss_fn(model, inputs, labels), optimizer,
@@ -264,18 +241,16 @@ def _peak_at(full, partial, full_batch, partial_batch, batch_size):
     return max(fixed + per_image * batch_size for per_image, fixed in fits)
 
 
-def count_training(model, step, peak_batch_size, autocast_dtype=torch.bfloat16):
+def count_training(model, step, peak_batch_size):
     """Counts of one steady-state training step of model under step, by running common.train (one epoch) over
     step.batches, which must give at least three batches, the last one smaller (e.g. 8, 8, 4 images); the step's
     memory peak is estimated for batches of peak_batch_size.
 
-    The step's forward runs under autocast_dtype autocast on the model's device type, as the GPU path does (None:
-    without autocast); its
-    ops are the data (indexing, normalising), forward, backward (with the loop's finite-loss bookkeeping and
+    The step runs as common.train runs it on the model's device (bf16 autocast on the GPU's path); its ops are the
+    data (indexing, normalising), forward, backward (with the loop's finite-loss bookkeeping and
     before_step) and optimizer ops between two optimizer steps. Quantities that grow with the batch (FLOPs, saved
     bytes, memory) are given per image and fixed, from the last two steps; op and sync counts are the full
     batch's step (they do not depend on the batch size)."""
-    device = next(model.parameters()).device
     params = list(model.parameters())
     resident = [*params, *model.buffers(), *(t for m in step.resident for t in (*m.parameters(), *m.buffers()))]
     batch_sizes, saved, forward_flops = [], [], []
@@ -286,7 +261,7 @@ def count_training(model, step, peak_batch_size, autocast_dtype=torch.bfloat16):
         saved.append(SavedBytes(resident))
         recorder.counter.phase = "forward"
         before = recorder.flops.get_total_flops()
-        with saved[-1].hooks(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with saved[-1].hooks():
             loss = step.loss_fn(model, inputs, labels)
         forward_flops.append(recorder.flops.get_total_flops() - before)
         recorder.counter.phase = "backward"

@@ -1,5 +1,6 @@
 """Constants and recipes, named once: the data's shape and normalisation, the paper's unlearning recipe,
 the from-scratch recipes, LoRA and pruning defaults, the smoke preset, and the switch to the GPU's code paths."""
+import contextlib
 import os
 from pathlib import Path
 
@@ -52,6 +53,20 @@ def gpu_shaped(device):
     """Whether work on device takes the GPU's code paths: always on CUDA, on a CPU under UNLEARN_GPU_SHAPED=1."""
     device = torch.device(device)
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get(GPU_SHAPED_ENV) == "1")
+
+
+@contextlib.contextmanager
+def gpu_shaped_mode():
+    """Inside the block a CPU takes the GPU's code paths (UNLEARN_GPU_SHAPED=1); the variable is as it was after."""
+    before = os.environ.get(GPU_SHAPED_ENV)
+    os.environ[GPU_SHAPED_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(GPU_SHAPED_ENV, None)
+        else:
+            os.environ[GPU_SHAPED_ENV] = before
 
 
 def preset_recipe(recipe, preset, from_scratch=False):

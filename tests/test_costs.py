@@ -1,4 +1,6 @@
+import contextlib
 import json
+import os
 
 import pytest
 import torch
@@ -30,10 +32,12 @@ def squared_output(model, inputs, labels):
     return model(inputs).pow(2).mean()
 
 
-def count_mlp(model, loss_fn=common.cross_entropy, autocast_dtype=torch.bfloat16, peak_batch_size=64):
-    step = costs.TrainingStep(tiny_batches(), loss_fn, common.make_adam(
-        [p for p in model.parameters() if p.requires_grad], 1e-3))
-    return costs.count_training(model, step, peak_batch_size, autocast_dtype=autocast_dtype)
+def count_mlp(model, loss_fn=common.cross_entropy, gpu_shaped=True, peak_batch_size=64):
+    """Counts of the MLP's training step, by default in the GPU-shaped mode (bf16 autocast, fused Adam)."""
+    with common.gpu_shaped_mode() if gpu_shaped else contextlib.nullcontext():
+        step = costs.TrainingStep(tiny_batches(), loss_fn, common.make_adam(
+            [p for p in model.parameters() if p.requires_grad], 1e-3))
+        return costs.count_training(model, step, peak_batch_size)
 
 
 def test_linear_flops_are_two_m_n_k_forward_and_frozen_weights_drop_their_gradient_flops():
@@ -54,7 +58,7 @@ def test_linear_flops_are_two_m_n_k_forward_and_frozen_weights_drop_their_gradie
 
 
 def test_saved_bytes_count_each_activation_storage_once_and_weights_apart():
-    counts = count_mlp(mlp(), loss_fn=squared_output, autocast_dtype=None)
+    counts = count_mlp(mlp(), loss_fn=squared_output, gpu_shaped=False)
     # fp32: the flattened input (a view of the batch), ReLU's output (also the second layer's input), the output
     assert counts["saved_bytes_per_image"] == 4 * (IN_FEATURES + HIDDEN + CLASSES)
     assert counts["saved_bytes_fixed"] == 0
@@ -101,10 +105,12 @@ def test_channels_last_convolutions_are_counted_per_input_and_weight():
         assert (counter.convolutions, counter.channels_last_convolutions) == (1, expected)
 
 
-def test_gpu_optimizer_choice_is_fused_adam_and_foreach_sgd():
+def test_the_gpu_shaped_optimizers_are_fused_adam_and_foreach_sgd(monkeypatch):
+    monkeypatch.delenv(common.GPU_SHAPED_ENV, raising=False)
     params = [nn.Parameter(torch.zeros(3)) for _ in range(5)]
-    adam = costs.as_on_gpu_optimizer(common.make_adam(params, 1e-3))
-    sgd = costs.as_on_gpu_optimizer(common.make_sgd(params, 1e-3))
+    with common.gpu_shaped_mode():
+        adam, sgd = common.make_adam(params, 1e-3), common.make_sgd(params, 1e-3)
+    assert common.GPU_SHAPED_ENV not in os.environ  # restored
     assert adam.param_groups[0]["fused"] and sgd.param_groups[0]["foreach"]
     for p in params:
         p.grad = torch.ones(3)
