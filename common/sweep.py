@@ -332,11 +332,6 @@ def read_record(path):
     return record
 
 
-def all_records():
-    """{path: record} of every run record on file."""
-    return {path: read_record(path) for path in sorted(RUNS_DIR.glob("*.json"))}
-
-
 def bench_records(device, preset):
     """{path: record} of the bench records (BENCH_DIR/**/results.json) measured on device with preset. A record that
     cannot be read as one is skipped with a one-line warning."""
@@ -502,9 +497,14 @@ def run_script(script, flags):
     command = [sys.executable, str(ROOT / script), *map(str, flags)]
     status, output = run_child(command)
     if status != 0:
-        tail = (output or "").strip().splitlines()[-OUTPUT_TAIL_LINES:]
-        print("\n".join(f"    {line}" for line in tail), file=sys.stderr)
-        raise UserError(f"{' '.join(command[1:])} failed with exit status {status} (output above)")
+        raise step_failed(" ".join(command[1:]), status, output)
+
+
+def step_failed(command, status, output):
+    """Print the end of a failed step's output; the UserError that stops the sweep."""
+    tail = (output or "").strip().splitlines()[-OUTPUT_TAIL_LINES:]
+    print("\n".join(f"    {line}" for line in tail), file=sys.stderr)
+    return UserError(f"{command} failed with exit status {status} (output above)")
 
 
 def run_in_process(script, flags):
@@ -531,9 +531,7 @@ def run_in_process(script, flags):
         sys.argv = saved_argv
     seconds = time.perf_counter() - start
     if status != 0:
-        tail = output.getvalue().strip().splitlines()[-OUTPUT_TAIL_LINES:]
-        print("\n".join(f"    {line}" for line in tail), file=sys.stderr)
-        raise UserError(f"{script} {' '.join(map(str, flags))} failed with exit status {status} (output above)")
+        raise step_failed(f"{script} {' '.join(map(str, flags))}", status, output.getvalue())
     latest = Measure.latest
     return seconds, latest.began - start if latest is not None and latest.began >= start else None
 
@@ -602,7 +600,7 @@ class Sweep:
             raise
 
     def records(self):
-        """{path: record} of every run record on file (all_records), less the damaged ones run again."""
+        """{path: record} of every run record on file, less the damaged ones run again."""
         return {path: record for path in sorted(RUNS_DIR.glob("*.json")) if (record := self.read(path)) is not None}
 
     def checkpoint_hash(self, path):
