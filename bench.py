@@ -12,7 +12,7 @@ channels-last on GPU). pruneft and loraprune also run with --prune-mode physical
 with their parameter and MAC counts. Pretraining throughput and the time evaluate.py takes on one
 checkpoint (UA, RA, TA, MIA-efficacy) are measured once per arch. Writes bench/results.json and results.md.
 
---costs counts instead of timing (common.costs): for every method, the five baselines included, both prune modes
+--costs counts instead of timing (unlearning.costs): for every method, the five baselines included, both prune modes
 and both archs, the full-size model's steady-state training step (FLOPs, dispatched ops, host syncs, bytes saved
 for backward, memory, convolution layouts) and the evaluation of one checkpoint, on tiny batches, in the GPU-shaped
 mode (UNLEARN_GPU_SHAPED=1: the code a GPU runs, with bf16 autocast, channels-last, fused or foreach optimizers),
@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 import common
-from common import costs
+from unlearning import costs
 
 METHODS = ("finetune", "pruneft", "lora", "loraprune")
 PHYSICAL_METHODS = ("pruneft", "loraprune")
@@ -484,7 +484,7 @@ def estimate_text(assumptions):
 
 
 def run_costs(args):
-    """--costs: count every method's training step and evaluation (common.costs); write costs.json and costs.md."""
+    """--costs: count every method's training step and evaluation (unlearning.costs); write costs.json and costs.md."""
     out = Path(args.out) / "costs"
     common.check_writable(out / "costs.json", "--out")
     assumptions = dict(costs.GPU_ASSUMPTIONS, utilisation=args.utilisation, launch_us=args.launch_us)
@@ -532,7 +532,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="bench", help="folder for results.json and results.md, and for costs/ "
                                                        "(default: bench)")
     parser.add_argument("--costs", action="store_true", help="count FLOPs, ops, syncs and memory per step of every "
-                                                             "method instead of timing (see common.costs)")
+                                                             "method instead of timing (see unlearning.costs)")
     parser.add_argument("--cost-batch", type=common.number(int, 2), default=2,
                         help="images per counted step under --costs (default: 2; counts are scaled to each "
                              "method's batch size)")

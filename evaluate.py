@@ -8,11 +8,11 @@ without the forgotten classes; MIA-efficacy = share of forget samples that Unlea
 membership-inference attack calls non-members. All in percent. Arch, forget setting and the seed of the
 MIA's samples come from each checkpoint's meta (the original model, which has no forget setting, is scored
 on class 3 unless --forget-* is given; --seed overrides the MIA seed).
---probe, --cka and --relearn add representation-level metrics (common/representation.py): whether the features
+--probe, --cka and --relearn add representation-level metrics (unlearning/representation.py): whether the features
 still know the forgotten data, however the outputs look. They draw their samples with the same seed.
 """
 import common
-from common import representation
+from unlearning import representation
 
 
 def main(argv=None):

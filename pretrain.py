@@ -4,7 +4,7 @@
     python pretrain.py --arch vit --preset smoke  # tiny CPU check
     python pretrain.py --arch vit --mixup 0.8 --cutmix 1.0 --compile  # optional recipe keys, see README
 
-The recipe per arch (optimizer, epochs, augmentation) is PRETRAIN_RECIPES in common/settings.py.
+The recipe per arch (optimizer, epochs, augmentation) is PRETRAIN_RECIPES in unlearning/settings.py.
 """
 import common
 

@@ -11,7 +11,7 @@
 
 Without a GPU and without --preset it runs the smoke preset with seed 0 only, so a CPU check takes minutes.
 
-The sweep is a list of independent units (common/sweep.py), per arch and seed: "methods" pretrains that seed's own
+The sweep is a list of independent units (unlearning/units.py), per arch and seed: "methods" pretrains that seed's own
 original model, then runs each method of --methods from it; "retrain" retrains from scratch. Each step runs
 its script's own command line in this process (the data read once), with its seed set and its RTE and peak GPU
 memory measured as its own, and is evaluated here; its metrics, where its time went,
@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 import common
-from common import launch, representation, sweep
+from unlearning import launch, locks, records, representation, sweep, units
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_METHODS = ("finetune", "pruneft", "lora", "loraprune")
@@ -47,7 +47,7 @@ STAT_KEYS = ("UA", "MIA_efficacy", "RA", "TA", "avg_gap", "RTE_s", "peak_gpu_mem
 TABLE_COLUMNS = {"method": "method", "n": "runs", "UA": "UA %", "MIA_efficacy": "MIA-efficacy %", "RA": "RA %",
                  "TA": "TA %", "avg_gap": "avg. gap ↓", "RTE_s": "RTE s", "peak_gpu_mem_mb": "peak GPU MB"}
 DIGITS = {"RTE_s": 1, "peak_gpu_mem_mb": 0, "relearn_steps": 0}
-# Representation-level metrics (common/representation.py), in the tables when the records hold them.
+# Representation-level metrics (unlearning/representation.py), in the tables when the records hold them.
 REPRESENTATION_COLUMNS = {key: header for table in representation.COLUMNS.values() for key, header in table.items()}
 PANELS = {"UA": "UA: unlearning accuracy (%)", "MIA_efficacy": "MIA-efficacy (%)", "RA": "RA: retain accuracy (%)",
           "TA": "TA: test accuracy (%)", "RTE_s": "RTE: run time of the step (s)",
@@ -168,7 +168,7 @@ def run_units(plan, units, args, argv, started):
                 left.append(unit)
                 continue
             prefix += f" (expected {expected:.0f} s from {source}, {remaining:.0f} s of the budget left)"
-        lock = sweep.unit_lock(unit, args.preset, plan.spec)
+        lock = locks.unit_lock(unit, args.preset, plan.spec)
         holder = lock.acquire()
         if holder:
             print(f"{prefix}: skipped, another process holds its lock: {holder}")
@@ -194,9 +194,9 @@ def load_runs(arch, spec, plan):
     for path, record in plan.records().items():
         if (record.get("arch"), record.get("preset"), record.get("forget")) != (arch, plan.args.preset, spec.tag):
             continue
-        run = sweep.make_run(arch, record["method"], record["seed"], plan.args, spec)
+        run = units.make_run(arch, record["method"], record["seed"], plan.args, spec)
         original_hash = None if run.from_scratch else plan.original_hash(arch, record["seed"])
-        keys = sweep.differences(record, plan.expected(run, original_hash))
+        keys = records.differences(record, plan.expected(run, original_hash))
         if keys:
             left_out.append(f"{path.stem} ({', '.join(keys)})")
         else:
@@ -420,7 +420,7 @@ def plot_tradeoff(path, title, rows):
 def write_results(arch, spec, plan):
     """Rebuild results/{stem}.json, .md and the two plots from the matching records; returns the stem's path."""
     runs, left_out = load_runs(arch, spec, plan)
-    stem = common.RESULTS_DIR / sweep.results_stem(arch, plan.args.preset, spec)
+    stem = common.RESULTS_DIR / units.results_stem(arch, plan.args.preset, spec)
     if left_out:
         print(f"left out of {stem}.*: {len(left_out)} record(s) that differ from this plan: {', '.join(left_out)}")
     if not runs:
@@ -574,15 +574,15 @@ def main(argv=None):
     spec = common.forget_spec_from_args(args) or common.ForgetSpec()
     check_methods(args.methods)
     resolve_defaults(args)
-    units = sweep.plan_units(args, spec)
+    planned = units.plan_units(args, spec)
     if args.list_units:
-        print("\n".join(unit.name for unit in units))
+        print("\n".join(unit.name for unit in planned))
         return []
-    selected = sweep.select_units(units, args.units)
+    selected = units.select_units(planned, args.units)
     data_start = time.monotonic()
     data = common.load_cifar10(args.data, args.device, args.preset)
     args.data_label = args.data_label or common.data_label(args.data)
-    plan = sweep.Sweep(args, spec, sweep.data_sha256(data), {(args.data, args.preset): data})
+    plan = sweep.Sweep(args, spec, records.data_sha256(data), {(args.data, args.preset): data})
     plan.times["startup_s"] += time.monotonic() - data_start
     if not args.tables_only:
         print(f"{len(selected)} units: {' '.join(args.arch)} x seeds {' '.join(map(str, args.seeds))} x "

@@ -44,7 +44,7 @@ def test_bench_stopped_early_keeps_its_finished_rows(workdir, cifar_dir, monkeyp
     assert "Incomplete" in (workdir / "partial/results.md").read_text()
 
 
-def test_each_compiled_row_starts_a_fresh_dynamo_and_counts_its_recompiles(monkeypatch):
+def test_each_compiled_row_starts_a_fresh_dynamo_and_counts_its_recompiles():
     def step(x):
         return x.sin() * 2
 
@@ -56,8 +56,8 @@ def test_each_compiled_row_starts_a_fresh_dynamo_and_counts_its_recompiles(monke
                 compiled(torch.ones(size))
         return row
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    rows = [compile_and_run([3, 4]) for _ in range(3)]  # without a reset, the third row would pass the limit
-    assert rows == [{"compiles": 2, "recompiles": 1}] * 3
-    with pytest.raises(common.UserError, match="recompile_limit"):
-        compile_and_run([3, 4, 5])  # a third shape is one compilation too many: an error, not eager
+    with torch._dynamo.config.patch(recompile_limit=2):  # torch's own context restores the setting
+        rows = [compile_and_run([3, 4]) for _ in range(3)]  # without a reset, the third row would pass the limit
+        assert rows == [{"compiles": 2, "recompiles": 1}] * 3
+        with pytest.raises(common.UserError, match="recompile_limit"):
+            compile_and_run([3, 4, 5])  # a third shape is one compilation too many: an error, not eager

@@ -9,7 +9,7 @@ from torch import nn
 
 import bench
 import common
-from common import costs
+from unlearning import costs
 
 IN_FEATURES, HIDDEN, CLASSES = 3 * 4 * 4, 16, 10
 

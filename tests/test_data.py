@@ -6,6 +6,7 @@ import torchvision
 from conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, write_synthetic_cifar
 
 import common
+from unlearning import data as data_module
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_data_label_names_the_official_release_a_provenance_file_or_different_fi
     assert common.data_label(root) == common.DIFFERENT_DATA_LABEL
     # the official release is recognised by its checksums, whatever a PROVENANCE file says
     checksums = {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in common.OFFICIAL_FILES}
-    monkeypatch.setattr(common.data, "OFFICIAL_FILES", checksums)
+    monkeypatch.setattr(data_module, "OFFICIAL_FILES", checksums)
     (folder / "PROVENANCE").write_text("something else\n")
     assert common.data_label(root) == "CIFAR-10"
     with open(folder / "data_batch_3", "ab") as batch:
@@ -132,8 +133,8 @@ def test_the_official_checksums_are_torchvisions():
 
 def test_shared_data_reads_each_folder_preset_and_device_once(cifar_dir, monkeypatch):
     reads = []
-    real_read = common.data._read_cifar10
-    monkeypatch.setattr(common.data, "_read_cifar10", lambda *args: reads.append(args) or real_read(*args))
+    real_read = data_module._read_cifar10
+    monkeypatch.setattr(data_module, "_read_cifar10", lambda *args: reads.append(args) or real_read(*args))
     with common.shared_data():
         first = common.load_cifar10(cifar_dir, "cpu", "smoke")
         same_folder = f"{cifar_dir}/../{cifar_dir.name}/"

@@ -22,14 +22,14 @@ from matplotlib.figure import Figure
 from test_reproduce import SWEEP
 
 import common
-from common import sweep
-from common.processes import PARENT_PID_ENV
+from unlearning import locks, records, runners, sweep, units
+from unlearning.processes import PARENT_PID_ENV
 
 in_process = test_reproduce.in_process  # the fixture that runs the sweep's steps in this process
 WAIT_S = 20  # how long a test waits for a process to do what it must (far more than it needs)
-# A Python preamble that imports common.files and common.processes alone, without the package's heavy imports
-LIGHT_COMMON = (f"import sys, types; package = types.ModuleType('common'); package.__path__ = "
-                f"[{str(ROOT / 'common')!r}]; sys.modules['common'] = package; ")
+# A Python preamble that finds the package from any working directory: `from unlearning import files` imports
+# that module alone, without the heavy imports of common.py
+LIGHT_COMMON = f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
 
 
 def one_line(capsys):
@@ -57,16 +57,16 @@ def running(pid):
 # --------------------------------------------------------------------------------- children die with their parent
 
 # The step: says its pid and works for a minute, unless it stops with its parent.
-STEP = LIGHT_COMMON + """from common import files
+STEP = LIGHT_COMMON + """from unlearning import files
 import os, sys, time
 open(sys.argv[1] + '.pid', 'w').write(str(os.getpid()))
 time.sleep(60)
 files.write_json(sys.argv[1], {'written': 'a minute later'})
 """
 PARENTS = {
-    "start_child": LIGHT_COMMON + "from common import processes; import sys; "
+    "start_child": LIGHT_COMMON + "from unlearning import processes; import sys; "
                             "processes.start_child([sys.executable, '-c', sys.argv[1], sys.argv[2]]).wait()",
-    "launcher": LIGHT_COMMON + "from common import launch; import sys; from pathlib import Path; "
+    "launcher": LIGHT_COMMON + "from unlearning import launch; import sys; from pathlib import Path; "
                                "launch.UnitCommand(launch.UnitJob('unit', [sys.executable, '-c', sys.argv[1], "
                                "sys.argv[2]], Path(sys.argv[2] + '.log')))()",
 }
@@ -98,7 +98,7 @@ def test_a_step_stops_and_writes_nothing_when_its_parent_is_sigkilled(parent, tm
 def test_a_step_that_outlives_its_parent_writes_nothing(tmp_path):
     """A step that ignores SIGTERM (or runs where PR_SET_PDEATHSIG does not exist) still refuses to write."""
     out = tmp_path / "record.json"
-    outlives = LIGHT_COMMON + f"""from common import files, processes
+    outlives = LIGHT_COMMON + f"""from unlearning import files, processes
 import os, signal, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 open(sys.argv[1] + '.pid', 'w').write(str(os.getpid()))
@@ -115,7 +115,7 @@ except processes.ParentGone:
 
 
 def test_the_sweeps_steps_are_started_as_children_that_die_with_it():
-    status, output = sweep.run_child([sys.executable, "-c", f"import os; print(os.environ[{PARENT_PID_ENV!r}])"])
+    status, output = runners.run_child([sys.executable, "-c", f"import os; print(os.environ[{PARENT_PID_ENV!r}])"])
     assert (status, output.strip()) == (0, str(os.getpid()))
 
 
@@ -123,7 +123,7 @@ def test_the_sweeps_steps_are_started_as_children_that_die_with_it():
 
 def test_two_writers_of_one_file_never_fail_and_a_reader_sees_only_whole_files(tmp_path):
     path = tmp_path / "results.json"
-    writer = LIGHT_COMMON + """from common import files
+    writer = LIGHT_COMMON + """from unlearning import files
 import sys
 for i in range(300):
     files.write_json(sys.argv[1], {'writer': sys.argv[2], 'i': i, 'payload': 'x' * (i * 97 % 20000)})
@@ -223,7 +223,7 @@ WRITERS = {
     "table": lambda folder: common.write_text(folder / "x.md", "| a |\n" * 10_000),
     "plot": lambda folder: write_plot(folder / "x_metrics.png"),
     "checkpoint": lambda folder: common.save_checkpoint(folder / "x.pth", torch.nn.Linear(100, 100), {}),
-    "lock": lambda folder: sweep.UnitLock(folder / "locks/x.lock").acquire(),
+    "lock": lambda folder: locks.UnitLock(folder / "locks/x.lock").acquire(),
 }
 CAUSES = {"full_disk": "No space left on device (free space and rerun the same command)",
           "read_only": "Read-only file system" if os.geteuid() == 0 else "Permission denied"}
@@ -276,7 +276,7 @@ def test_a_sweep_on_a_full_disk_stops_in_one_line_and_the_same_command_continues
         assert [p.name for p in runs.iterdir()] == ["filler"] and not list((workdir / "results/locks").iterdir())
         filler.unlink()
         assert run_script("reproduce.py", *command) == 0
-        assert sweep.read_record(record)["method"] == "retrain"
+        assert records.read_record(record)["method"] == "retrain"
         assert in_process.started == ["retrain.py", "retrain.py"]
     finally:
         unmount(runs)
@@ -297,7 +297,7 @@ def write_lock(path, content):
 def test_an_empty_or_damaged_lock_is_taken_over_saying_so(content, why, tmp_path, capsys):
     path = tmp_path / "locks/unit.lock"
     write_lock(path, content)
-    lock = sweep.UnitLock(path)
+    lock = locks.UnitLock(path)
     assert lock.acquire() is None
     assert capsys.readouterr().out == f"taking over the lock {path}: {why}\n"
     assert json.loads(path.read_text())["pid"] == os.getpid()
@@ -310,7 +310,7 @@ def test_a_lock_naming_a_dead_process_is_taken_over_saying_so(tmp_path, capsys):
     dead.wait()
     path = tmp_path / "unit.lock"
     write_lock(path, json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "earlier"}).encode())
-    assert sweep.UnitLock(path).acquire() is None
+    assert locks.UnitLock(path).acquire() is None
     assert capsys.readouterr().out == (f"taking over the lock {path}: it names pid {dead.pid} on this host, "
                                        f"which is no longer running\n")
 
@@ -321,7 +321,7 @@ def test_a_lock_whose_creation_fails_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "link", no_space)
     path = tmp_path / "locks/unit.lock"
     with pytest.raises(common.UserError, match=f"cannot write {path}: No space left on device"):
-        sweep.UnitLock(path).acquire()
+        locks.UnitLock(path).acquire()
     assert list(path.parent.iterdir()) == []
 
 
@@ -349,9 +349,9 @@ def whole_record(**changes):
     ({"CKA_forget": 3.0}, "CKA_forget is 3.0 (should be a number in [-1, 1.001] or NaN or null)"),
 ])
 def test_a_record_that_breaks_its_schema_names_the_problem(changes, problem):
-    assert sweep.record_problem(whole_record()) is None
-    assert sweep.record_problem(whole_record(CKA_forget=math.nan, probe_UA=None, relearn_steps=30)) is None
-    assert sweep.record_problem(whole_record(**changes)) == problem
+    assert records.record_problem(whole_record()) is None
+    assert records.record_problem(whole_record(CKA_forget=math.nan, probe_UA=None, relearn_steps=30)) is None
+    assert records.record_problem(whole_record(**changes)) == problem
 
 
 def test_a_record_without_a_metric_is_a_one_line_error_and_never_done(cifar_dir, workdir, capsys):
@@ -367,7 +367,7 @@ def damaged_plan(rerun_stale):
     args = SimpleNamespace(preset="smoke", data="data", device="cpu", data_label="CIFAR-10", force=False,
                            rerun_stale=rerun_stale, methods=["finetune"])
     plan = sweep.Sweep(args, common.ForgetSpec(), "data-hash", {})
-    return plan, sweep.plan_units(SimpleNamespace(**vars(args), arch=["resnet50"], seeds=[0]), common.ForgetSpec())
+    return plan, units.plan_units(SimpleNamespace(**vars(args), arch=["resnet50"], seeds=[0]), common.ForgetSpec())
 
 
 def test_with_rerun_stale_a_damaged_record_is_run_again(workdir, capsys):
@@ -391,7 +391,7 @@ def test_a_truncated_original_checkpoint_is_trained_again(workdir, capsys):
     whole = original.checkpoint.read_bytes()
     original.checkpoint.write_bytes(whole[:len(whole) // 2])
     with pytest.raises(common.DamagedFile) as raised:
-        sweep.model_sha256(original.checkpoint)
+        records.model_sha256(original.checkpoint)
     assert str(raised.value).startswith(f"checkpoint {original.checkpoint} is damaged (")
     assert "\n" not in str(raised.value)
     common.write_json(original.record, whole_record(method="original", model_sha256="a" * 64,

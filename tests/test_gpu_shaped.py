@@ -8,7 +8,8 @@ from conftest import run_script
 from torch import nn
 
 import common
-from common import costs
+from unlearning import costs, training
+from unlearning import data as data_module
 
 
 @pytest.fixture
@@ -85,13 +86,13 @@ SETUPS = {  # name: (prepare the model, loss, optimizer factory or None for trai
 @pytest.mark.parametrize("setup", SETUPS)
 def test_train_reads_the_host_only_at_the_divergence_checks(setup, gpu_shaped, monkeypatch):
     prepare, loss_fn, make_optimizer, make_before_step = SETUPS[setup]
-    monkeypatch.setattr(common.training, "DIVERGENCE_CHECK_STEPS", 2)
+    monkeypatch.setattr(training, "DIVERGENCE_CHECK_STEPS", 2)
     model = prepare(smoke_resnet())
     data = tiny_data()
     batches = common.Batches(data.train_images, data.train_labels, torch.arange(40), batch_size=8)  # 5 steps
     optimizer = make_optimizer(model) if make_optimizer else None
     before_step = make_before_step(model) if make_before_step else None
-    common.data._normalization.cache_clear()  # so the constants' one-time creation is seen here
+    data_module._normalization.cache_clear()  # so the constants' one-time creation is seen here
     with costs.OpCounter() as counter:
         common.train(model, batches, epochs=1, loss_fn=loss_fn, optimizer=optimizer, before_step=before_step)
     # steps 2 and 4 and the epoch's end read the divergence flag, one host read each; the normalisation constants
@@ -148,13 +149,13 @@ METHOD_RUNS = [("finetune.py",), ("pruneft.py",), ("pruneft.py", "--prune-mode",
 def test_every_method_runs_gpu_shaped(original_weights, cifar_dir, workdir, gpu_shaped, monkeypatch):
     weights = original_weights("resnet50")
     step_contexts = []
-    real_autocast = common.training.autocast
+    real_autocast = training.autocast
 
     def recording_autocast(device):
         context = real_autocast(device)
         step_contexts.append(type(context))
         return context
-    monkeypatch.setattr(common.training, "autocast", recording_autocast)
+    monkeypatch.setattr(training, "autocast", recording_autocast)
     flags = ["--preset", "smoke", "--data", cifar_dir, "--weights", weights, "--epochs", "1"]
     outs = []
     for script, *extra in METHOD_RUNS:

@@ -1,4 +1,4 @@
-"""common.launch on CPU: the worker pool and its GPUs, failures, SLURM job parameters, submitit's local cluster,
+"""unlearning.launch on CPU: the worker pool and its GPUs, failures, SLURM job parameters, submitit's local cluster,
 requeue."""
 import argparse
 import collections
@@ -18,7 +18,7 @@ import submitit
 import torch
 
 import common
-from common import launch
+from unlearning import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -191,7 +191,7 @@ def test_slurm_refusals_are_one_line_errors(tmp_path, monkeypatch):
 
 
 def test_slurm_path_runs_units_through_submitits_local_cluster(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # the jobs must find common.launch from any working directory
+    monkeypatch.chdir(tmp_path)  # the jobs must find unlearning.launch from any working directory
     (tmp_path / "out").mkdir()
     args = parse("--launcher", "slurm", "--slurm-time", 5)
     failed = launch.launch_units(args, ["ok", "bad"], units(tmp_path / "out", 0.1, failing={"bad"}), cluster="local")
@@ -254,7 +254,7 @@ def test_sigterm_to_the_launcher_stops_its_units_gracefully(tmp_path):
     driver.write_text(f"""import argparse, sys
 sys.path.insert(0, {str(ROOT)!r})
 import common
-from common import launch
+from unlearning import launch
 parser = argparse.ArgumentParser()
 launch.add_launcher_arguments(parser)
 parser.add_argument("--device", default="cpu")

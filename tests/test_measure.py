@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import common
+from unlearning import measure
 
 MB = 2**20
 
@@ -29,7 +30,7 @@ def allocator(monkeypatch):
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", fake.reset_peak)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: fake.allocated)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: fake.peak)
-    monkeypatch.setattr(common.measure.gc, "collect", lambda: fake.events.append("gc"))
+    monkeypatch.setattr(measure.gc, "collect", lambda: fake.events.append("gc"))
     return fake
 
 

@@ -7,6 +7,7 @@ from conftest import run_script
 from torch import nn
 
 import common
+from unlearning import training
 
 
 class ConstantModel(nn.Module):
@@ -99,9 +100,9 @@ def test_predict_runs_in_fp32_even_where_training_uses_bf16_autocast(data, monke
             return logits
 
     # Make training's autocast active on this CPU, as it is on a GPU: predict must not enter it.
-    monkeypatch.setattr(common.training, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(training, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     model = MeanColourLinear()
-    with common.training.autocast("cpu"):
+    with training.autocast("cpu"):
         model(common.normalize(data.test_images[:2]))
     assert seen == [(True, torch.bfloat16)]  # the patch is in force
     seen.clear()

@@ -95,7 +95,7 @@ def test_every_script_imports_without_torch_pruning_or_submitit():
     physical pruning: nothing imports them up front."""
     code = ("import sys; sys.modules['torch_pruning'] = sys.modules['submitit'] = None; "
             "sys.path.insert(0, sys.argv[1]); import common, bench, reproduce; "
-            "from common import launch, representation, sweep; "
+            "from unlearning import launch, representation, sweep; "
             "print(common.model_cost(common.build_model('vit', 'smoke'))['macs'])")
     done = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

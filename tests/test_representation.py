@@ -7,7 +7,7 @@ from conftest import run_script, write_synthetic_cifar
 from torch import nn
 
 import common
-from common import representation
+from unlearning import representation
 
 FORGET = common.ForgetSpec((3,))
 

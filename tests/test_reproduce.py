@@ -15,7 +15,7 @@ from matplotlib.text import Text
 
 import common
 import reproduce
-from common import sweep
+from unlearning import data, records, runners, scripts, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_PRETRAIN_EPOCHS = common.SMOKE["pretrain_epochs"]
@@ -30,7 +30,7 @@ def in_process(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: extra threads only spin, and cost much when the CPU is shared
     hooks = SimpleNamespace(on_start=None, started=[])
-    real_run_in_process = sweep.run_in_process
+    real_run_in_process = runners.run_in_process
 
     def run_in_process(script, flags):
         hooks.started.append(script)
@@ -115,7 +115,7 @@ def test_sweep_writes_records_and_tables_then_rebuilds_them_without_checkpoints(
                                                                        ("finetune", 0)]
     original, retrain, finetune = report["runs"]
     assert finetune["fingerprint"]["original"] == original["model_sha256"] == \
-        sweep.model_sha256(workdir / "model_weights/resnet50-smoke_original_s0.pth")
+        records.model_sha256(workdir / "model_weights/resnet50-smoke_original_s0.pth")
     assert finetune["fingerprint"]["data"]["sha256"] == retrain["fingerprint"]["data"]["sha256"]
     assert original["fingerprint"]["flags"] == ["pretrain.py", "--arch", "resnet50", "--preset", "smoke", "--seed", "0"]
     assert retrain["fingerprint"]["recipe"]["epochs"] == 1 and finetune["fingerprint"]["recipe"]["epochs"] == 1
@@ -230,13 +230,13 @@ def test_sigterm_inside_an_in_process_step_keeps_the_record_finishing_in_the_bac
                                                                                          monkeypatch):
     """SIGTERM while finetune trains, with the original model's MIA still being fitted in the worker thread: the
     sweep stops with 143 and writes the original's record; the same command then runs finetune alone."""
-    real_train = common.scripts.train
+    real_train = scripts.train
 
     def train_then_terminate(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(common.scripts, "train", train_then_terminate)
+    monkeypatch.setattr(scripts, "train", train_then_terminate)
     methods = [*SWEEP, "--data", cifar_dir, "--units", "resnet50-s0-methods", "--no-tables", "--overlap-evaluation"]
     assert run_script("reproduce.py", *methods) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
@@ -246,7 +246,7 @@ def test_sigterm_inside_an_in_process_step_keeps_the_record_finishing_in_the_bac
     assert [path.name for path in (workdir / "results/runs").iterdir()] == ["resnet50-smoke_original_s0.json"]
     assert not list((workdir / "results/locks").iterdir())
 
-    monkeypatch.setattr(common.scripts, "train", real_train)
+    monkeypatch.setattr(scripts, "train", real_train)
     assert run_script("reproduce.py", *methods) == 0
     assert in_process.started == ["pretrain.py", "finetune.py", "finetune.py"]
 
@@ -256,8 +256,8 @@ def test_a_crashing_step_stops_the_sweep_with_its_traceback_and_the_unit_resumes
     def crash(*args, **kwargs):
         raise RuntimeError("boom")
 
-    real_train = common.scripts.train
-    monkeypatch.setattr(common.scripts, "train", crash)
+    real_train = scripts.train
+    monkeypatch.setattr(scripts, "train", crash)
     methods = [*SWEEP, "--data", cifar_dir, "--units", "resnet50-s0-methods", "--no-tables"]
     assert run_script("reproduce.py", *methods) == 1
     err = capsys.readouterr().err
@@ -266,7 +266,7 @@ def test_a_crashing_step_stops_the_sweep_with_its_traceback_and_the_unit_resumes
     assert [path.name for path in (workdir / "results/runs").iterdir()] == ["resnet50-smoke_original_s0.json"]
     assert not list((workdir / "results/locks").iterdir())
 
-    monkeypatch.setattr(common.scripts, "train", real_train)
+    monkeypatch.setattr(scripts, "train", real_train)
     assert run_script("reproduce.py", *methods) == 0
     assert in_process.started == ["pretrain.py", "finetune.py", "finetune.py"]
 
@@ -276,8 +276,8 @@ def test_overlapped_evaluation_gives_the_same_records_and_every_record_says_wher
     """The MIA's and probe's fits in a worker thread give the same metrics as in line; each record's time parts add
     up to its seconds; the data is read from disk once for the whole sweep."""
     reads = []
-    real_read = common.data._read_cifar10
-    monkeypatch.setattr(common.data, "_read_cifar10", lambda *args: reads.append(args) or real_read(*args))
+    real_read = data._read_cifar10
+    monkeypatch.setattr(data, "_read_cifar10", lambda *args: reads.append(args) or real_read(*args))
 
     def records():
         found = {}
@@ -319,14 +319,14 @@ def test_steps_in_processes_of_their_own_give_the_records_of_in_process_steps(ci
                           *mode) == 0
         record = json.loads((folder / "results/runs/resnet50-smoke_retrain_s0.json").read_text())
         results[bool(mode)] = ({key: record[key] for key in common.METRIC_KEYS},
-                               sweep.model_sha256(folder / "model_weights/resnet50-smoke_retrain_s0.pth"))
+                               records.model_sha256(folder / "model_weights/resnet50-smoke_retrain_s0.pth"))
     assert results[True] == results[False]
 
 
 def test_failed_step_shows_its_output_and_stops(workdir, capsys):
     """The one real subprocess of these tests: a method script that cannot find its original model."""
     with pytest.raises(common.UserError, match=r"finetune.py .* failed with exit status 1"):
-        sweep.run_script("finetune.py", ["--preset", "smoke", "--weights", "missing.pth"])
+        runners.run_script("finetune.py", ["--preset", "smoke", "--weights", "missing.pth"])
     assert "no original model at missing.pth" in capsys.readouterr().err
 
 

@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT, run_script
 
 import common
+from unlearning import scripts
 
 
 def one_line(capsys):
@@ -83,7 +84,7 @@ def test_signal_during_training_exits_with_its_status(signum, status, original_w
         os.kill(os.getpid(), signum)
         time.sleep(5)  # the handler interrupts this
         raise AssertionError("the signal did not stop training")
-    monkeypatch.setattr(common.scripts, "train", signalled_train)
+    monkeypatch.setattr(scripts, "train", signalled_train)
     assert run_script("finetune.py", "--arch", "vit", "--preset", "smoke", "--data", cifar_dir, "--weights",
                       weights) == status
     assert one_line(capsys) == "interrupted: nothing written; other existing files unchanged"
@@ -99,7 +100,7 @@ def test_interrupted_continual_run_names_the_steps_it_kept(original_weights, cif
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real_train(*args, **kwargs)
-    monkeypatch.setattr(common.scripts, "train", interrupted_at_step_2)
+    monkeypatch.setattr(scripts, "train", interrupted_at_step_2)
     assert run_script("continual.py", "--arch", "vit", "--preset", "smoke", "--data", cifar_dir, "--weights", weights,
                       "--method", "finetune", "--steps", "3", "5", "--no-retrain") == 130
     step1 = "model_weights/continual/vit-smoke_finetune_step1.pth"

@@ -14,7 +14,7 @@ import torch
 from conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, run_script
 
 import common
-from common import sweep
+from unlearning import locks, records, runners, sweep, units
 
 SMOKE = ["--preset", "smoke", "--arch", "resnet50", "--seeds", "0", "--device", "cpu"]
 
@@ -27,29 +27,29 @@ def dead_pid():
 
 def test_only_data_original_recipe_and_flags_make_a_record_stale(monkeypatch):
     args = SimpleNamespace(preset="smoke", data="data", device="cpu")
-    run = sweep.make_run("resnet50", "lora", 0, args, common.ForgetSpec())
-    planned = sweep.fingerprint(run, "smoke", "data-hash", "CIFAR-10", "cpu", "original-hash")
+    run = units.make_run("resnet50", "lora", 0, args, common.ForgetSpec())
+    planned = records.fingerprint(run, "smoke", "data-hash", "CIFAR-10", "cpu", "original-hash")
     assert planned["flags"] == ["lora.py", "--arch", "resnet50", "--preset", "smoke", "--seed", "0",
                                 "--forget-class", "3", "--forget-seed", "0"]
-    assert sweep.differences({"fingerprint": planned}, planned) == []
+    assert records.differences({"fingerprint": planned}, planned) == []
     elsewhere = {**planned, "code": {"commit": "0" * 40, "dirty": True}, "device": "NVIDIA H100",
                  "versions": {"torch": "0.1"}, "data": {"sha256": "data-hash", "label": "another label"}}
-    assert sweep.differences({"fingerprint": elsewhere}, planned) == []
+    assert records.differences({"fingerprint": elsewhere}, planned) == []
     other_data = {**planned, "data": {"sha256": "other", "label": "CIFAR-10"}}
-    assert sweep.differences({"fingerprint": other_data}, planned) == ["data"]
-    assert sweep.differences({"fingerprint": {**planned, "original": "retrained"}}, planned) == ["original"]
-    other_seed = sweep.fingerprint(sweep.make_run("resnet50", "lora", 1, args, common.ForgetSpec()), "smoke",
-                                   "data-hash", "CIFAR-10", "cpu", "original-hash")
-    assert sweep.differences({"fingerprint": other_seed}, planned) == ["flags"]
+    assert records.differences({"fingerprint": other_data}, planned) == ["data"]
+    assert records.differences({"fingerprint": {**planned, "original": "retrained"}}, planned) == ["original"]
+    other_seed = records.fingerprint(units.make_run("resnet50", "lora", 1, args, common.ForgetSpec()), "smoke",
+                                     "data-hash", "CIFAR-10", "cpu", "original-hash")
+    assert records.differences({"fingerprint": other_seed}, planned) == ["flags"]
     monkeypatch.setitem(common.PAPER_RECIPE, "lr", 0.5)
-    assert sweep.differences({"fingerprint": planned}, sweep.fingerprint(run, "smoke", "data-hash", "CIFAR-10", "cpu",
-                                                                         "original-hash")) == ["recipe"]
-    assert sweep.differences({"method": "lora"}, planned) == list(sweep.PLAN_KEYS)
+    changed = records.fingerprint(run, "smoke", "data-hash", "CIFAR-10", "cpu", "original-hash")
+    assert records.differences({"fingerprint": planned}, changed) == ["recipe"]
+    assert records.differences({"method": "lora"}, planned) == list(records.PLAN_KEYS)
 
 
 def test_lock_is_exclusive_and_released(tmp_path):
     path = tmp_path / "unit.lock"
-    first, second = sweep.UnitLock(path), sweep.UnitLock(path)
+    first, second = locks.UnitLock(path), locks.UnitLock(path)
     assert first.acquire() is None
     assert json.loads(path.read_text())["pid"] == os.getpid()
     holder = second.acquire()
@@ -63,7 +63,7 @@ def test_lock_is_exclusive_and_released(tmp_path):
 def test_lock_of_a_dead_process_on_this_host_or_of_this_slurm_job_is_taken_over(tmp_path, monkeypatch):
     path = tmp_path / "unit.lock"
     path.write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname(), "since": "earlier"}))
-    lock = sweep.UnitLock(path)
+    lock = locks.UnitLock(path)
     assert lock.acquire() is None
     assert json.loads(path.read_text())["pid"] == os.getpid()
     lock.release()
@@ -71,11 +71,11 @@ def test_lock_of_a_dead_process_on_this_host_or_of_this_slurm_job_is_taken_over(
     other_host = {"pid": dead_pid(), "host": "another-host", "slurm_job": "41", "since": "earlier"}
     path.write_text(json.dumps(other_host))  # whether it lives cannot be told from here
     monkeypatch.setenv("SLURM_JOB_ID", "42")
-    assert "on another-host" in sweep.UnitLock(path).acquire()
+    assert "on another-host" in locks.UnitLock(path).acquire()
     assert json.loads(path.read_text()) == other_host
 
     monkeypatch.setenv("SLURM_JOB_ID", "41")  # the same job, requeued: its earlier attempt is gone
-    assert sweep.UnitLock(path).acquire() is None
+    assert locks.UnitLock(path).acquire() is None
     assert json.loads(path.read_text())["slurm_job"] == "41"
 
 
@@ -116,13 +116,13 @@ def test_sigterm_stops_the_child_process():
     previous = signal.signal(signal.SIGTERM, common.raise_terminated)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
     try:
-        sweep.subprocess.Popen = popen
+        runners.subprocess.Popen = popen
         timer.start()
         begin = time.monotonic()
         with pytest.raises(common.Terminated):
-            sweep.run_child([sys.executable, "-c", "import time; time.sleep(60)"])
+            runners.run_child([sys.executable, "-c", "import time; time.sleep(60)"])
     finally:
-        sweep.subprocess.Popen = real_popen
+        runners.subprocess.Popen = real_popen
         signal.signal(signal.SIGTERM, previous)
         timer.cancel()
     assert time.monotonic() - begin < 30
@@ -130,42 +130,42 @@ def test_sigterm_stops_the_child_process():
 
 
 def test_code_version_outside_a_git_checkout_hashes_the_files(monkeypatch, tmp_path):
-    monkeypatch.setattr(sweep, "ROOT", tmp_path)
-    (tmp_path / "common").mkdir()
-    (tmp_path / "common" / "data.py").write_text("A = 1\n")
+    monkeypatch.setattr(records, "REPOSITORY", tmp_path)
+    (tmp_path / "unlearning").mkdir()
+    (tmp_path / "unlearning" / "data.py").write_text("A = 1\n")
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "test_a.py").write_text("")
 
     def version():
-        sweep.code_version.cache_clear()
-        return sweep.code_version()
+        records.code_version.cache_clear()
+        return records.code_version()
     try:
         first = version()
         assert (first["commit"], first["dirty"]) == (None, None) and len(first["sha256"]) == 64
         (tmp_path / "tests" / "test_a.py").write_text("changed")
         assert version() == first  # tests are not the code that made a record
-        (tmp_path / "common" / "data.py").write_text("A = 2\n")
+        (tmp_path / "unlearning" / "data.py").write_text("A = 2\n")
         assert version()["sha256"] != first["sha256"]
     finally:
-        sweep.code_version.cache_clear()
+        records.code_version.cache_clear()
 
 
 def test_data_and_model_hashes_follow_the_content(tmp_path):
     data = common.CIFAR10(*(torch.zeros(4, 3, 2, 2, dtype=torch.uint8),
                             torch.arange(4), torch.zeros(2, 3, 2, 2, dtype=torch.uint8),
                             torch.arange(2)))
-    before = sweep.data_sha256(data)
+    before = records.data_sha256(data)
     data.train_images[0, 0, 0, 0] = 1
-    assert sweep.data_sha256(data) != before
+    assert records.data_sha256(data) != before
 
     model = torch.nn.Linear(2, 2)
     common.save_checkpoint(tmp_path / "a.pth", model, {"created": "then"})
     common.save_checkpoint(tmp_path / "b.pth", model, {"created": "now"})
-    assert sweep.model_sha256(tmp_path / "a.pth") == sweep.model_sha256(tmp_path / "b.pth")
+    assert records.model_sha256(tmp_path / "a.pth") == records.model_sha256(tmp_path / "b.pth")
     with torch.no_grad():
         model.bias[0] += 1
     common.save_checkpoint(tmp_path / "b.pth", model, {"created": "now"})
-    assert sweep.model_sha256(tmp_path / "a.pth") != sweep.model_sha256(tmp_path / "b.pth")
+    assert records.model_sha256(tmp_path / "a.pth") != records.model_sha256(tmp_path / "b.pth")
 
 
 def bench_record(path, device="cpu", preset="smoke", rows=None):
@@ -190,7 +190,7 @@ def estimate_plan(preset="smoke", train_images=300, test_images=100):
                           torch.zeros(test_images, 3, 32, 32, dtype=torch.uint8),
                           torch.zeros(test_images, dtype=torch.long))
     plan = sweep.Sweep(args, common.ForgetSpec(), "data-hash", {("data", preset): data})
-    return plan, {method: sweep.make_run("resnet50", method, 0, args, common.ForgetSpec())
+    return plan, {method: units.make_run("resnet50", method, 0, args, common.ForgetSpec())
                   for method in ("original", "retrain", "finetune", "lora", "ga")}
 
 
@@ -233,7 +233,7 @@ def test_records_come_before_bench_and_bench_before_the_default(estimates, workd
              "other device": {"method": "finetune", "arch": "resnet50", "preset": "smoke", "device": "NVIDIA H100",
                               "seconds": 1.0}}
     assert plan.estimate([runs["original"], runs["finetune"]], timed) == (50 + bench_finetune, "records + bench")
-    vit_original = sweep.make_run("vit", "original", 0, plan.args, common.ForgetSpec())
+    vit_original = units.make_run("vit", "original", 0, plan.args, common.ForgetSpec())
     vit_default = sweep.DEFAULT_RUN_SECONDS[("smoke", "vit")]["scratch"]
     assert plan.estimate([vit_original, runs["original"]], timed) == (vit_default + 50, "records + default")
 
@@ -260,13 +260,13 @@ def test_method_estimates_follow_each_scripts_own_epochs(estimates, workdir):
     plan, runs = estimate_plan("full", train_images=1000, test_images=200)
     evaluation = 1200 / 400
     for method, epochs in (("finetune", common.PAPER_RECIPE["epochs"]), ("rl", 10), ("scrub", 3)):
-        run = sweep.make_run("resnet50", method, 0, plan.args, common.ForgetSpec())
+        run = units.make_run("resnet50", method, 0, plan.args, common.ForgetSpec())
         speed = 200 if method == "finetune" else 50
         assert plan.estimate([run], {}) == (2 * (epochs * 1000 / speed + evaluation) + 5, "bench")
-        assert sweep.recipe(run, "full")["epochs"] == epochs  # the recipe fingerprinted in its record too
-    rl = sweep.make_run("resnet50", "rl", 0, plan.args, common.ForgetSpec())
-    assert sweep.recipe(rl, "full") == {"epochs": 10, "lr": 0.013, "batch_size": 256}
-    assert sweep.recipe(rl, "smoke")["epochs"] == common.SMOKE["epochs"]
+        assert records.recipe(run, "full")["epochs"] == epochs  # the recipe fingerprinted in its record too
+    rl = units.make_run("resnet50", "rl", 0, plan.args, common.ForgetSpec())
+    assert records.recipe(rl, "full") == {"epochs": 10, "lr": 0.013, "batch_size": 256}
+    assert records.recipe(rl, "smoke")["epochs"] == common.SMOKE["epochs"]
     original = common.PRETRAIN_RECIPES["resnet50"]["epochs"]
     assert plan.estimate([runs["original"]], {}) == (2 * (original * 1000 / 100 + evaluation) + 5, "bench")
 

@@ -5,6 +5,7 @@ from conftest import run_script
 from peft.tuners.lora import LoraLayer
 
 import common
+from unlearning import measure
 
 
 def lora_resnet():
@@ -42,7 +43,7 @@ def test_warm_up_does_not_change_a_run(original_weights, cifar_dir, workdir, mon
     flags = ["--preset", "smoke", "--data", cifar_dir, "--device", "cpu", "--weights", original_weights("resnet50")]
     assert run_script("lora.py", *flags, "--out", workdir / "warm.pth") == 0
     warm_ups = []
-    monkeypatch.setattr(common.measure, "warm_up", lambda model, *args: warm_ups.append(has_adapters(model)))
+    monkeypatch.setattr(measure, "warm_up", lambda model, *args: warm_ups.append(has_adapters(model)))
     assert run_script("lora.py", *flags, "--out", workdir / "cold.pth") == 0
     # the device's start-up on the original, then the prepared model with its LoRA adapters
     assert warm_ups == [False, True]

@@ -11,7 +11,7 @@ def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cach
     peak_gpu_mem_mb (and forget, seed, preset). The forget setting is the checkpoint's unless spec is given;
     a checkpoint without one (the original model) is scored on the default (class 3). The MIA draws its
     samples with the seed recorded in the checkpoint unless seed is given.
-    extra_metrics(model, meta, data, splits, spec, seed) -> dict adds further metrics (common.representation's).
+    extra_metrics(model, meta, data, splits, spec, seed) -> dict adds further metrics (unlearning.representation's).
     The MIA's SVC goes through submit (see evaluate_model)."""
     model, meta = load_checkpoint(path, device)
     if seed is None:

@@ -1,21 +1,18 @@
-"""The shared library of the scripts: one package, one idea per module, every name handed on here.
+"""The scripts' shared module: every name a method script, pretrain.py, retrain.py or evaluate.py uses.
 
-Scripts `import common` and call `common.prune(...)`; nothing here imports a script. From the ground up:
+    import common
+    common.run_method("loraprune", unlearn, __doc__)
 
-    settings, errors             constants and recipes; one-line errors
-    processes, files             children that die with their parent; atomic output files
-    data, forget, models         CIFAR-10 on the device; forget/retain splits; ResNet-50 and ViT-S/4
-    pruning, adapters            structured L2 pruning; LoRA through peft
-    training, baselines          the one training loop; the baselines' losses and saliency
-    metrics, measure             UA/RA/TA/MIA; warm-up, RTE, peak memory, accuracy curves
-    checkpoints, evaluation      saving, loading, naming; one checkpoint's metrics and tables
-    arguments, scripts           flag helpers; the command-line runner, run_method, run_from_scratch
-    representation               Probe-UA, CKA and relearn time (common.representation)
-    costs                        counted costs of a training step and an evaluation (common.costs)
-    sweep, launch                the sweep behind reproduce.py and its parallel launchers
+Here a script finds CIFAR-10 loading (`load_cifar10`, `Batches`), forget-class filtering (`make_splits`,
+`ForgetSpec`), structured L2 pruning (`prune`, `prune_physically`), LoRA (`add_lora`), the training loop
+(`train`), the method runner (`run_method`, `run_from_scratch`, `Context`), checkpoints (`save_checkpoint`,
+`load_checkpoint`, `weights_path`), the metrics (`evaluate_model`, `mia_efficacy`) and the argument helpers.
+The code lives in the package `unlearning/`, one idea per module; this file only hands its names on. The sweep,
+its launchers, the cost model and the representation-level metrics are imported from the package where used
+(`from unlearning import sweep`), so that a script pays for none of them.
 """
-from .adapters import LoraSettings, add_lora, finalize, lora_settings
-from .arguments import (
+from unlearning.adapters import LoraSettings, add_lora, finalize, lora_settings
+from unlearning.arguments import (
     OneLineParser,
     add_batchnorm_argument,
     add_common_arguments,
@@ -41,7 +38,7 @@ from .arguments import (
     unit_interval_open_below,
     with_overrides,
 )
-from .baselines import (
+from unlearning.baselines import (
     L1_ALPHA,
     SALIENCY_SHARE,
     SCRUB_DISTILLATION,
@@ -56,7 +53,7 @@ from .baselines import (
     random_other_labels,
     saliency_mask,
 )
-from .checkpoints import (
+from unlearning.checkpoints import (
     NAMED_OR_NEUTRAL_FLAGS,
     device_name,
     library_versions,
@@ -67,7 +64,7 @@ from .checkpoints import (
     state_mismatch,
     weights_path,
 )
-from .data import (
+from unlearning.data import (
     CIFAR10,
     DIFFERENT_DATA_LABEL,
     OFFICIAL_FILES,
@@ -80,15 +77,24 @@ from .data import (
     normalize,
     shared_data,
 )
-from .errors import DamagedFile, ParentGone, Terminated, TrainingDiverged, UserError, raise_terminated
-from .evaluation import EVALUATE_COLUMNS, evaluate_checkpoint, format_cell, markdown_table
-from .files import atomic_write, check_writable, save_figure, write_bytes, write_error, write_json, write_text, written
-from .forget import ForgetSpec, Splits, check_splits, forget_spec_from_args, make_splits
-from .measure import AccuracyCurve, Measure, default_eval_every, warm_up, warm_up_on
-from .metrics import METRIC_KEYS, accuracy, evaluate_model, mia_efficacy, predict, resolved, run_now
-from .models import SlimResNet, build_model, count_parameters, is_channels_last, keep_layout, to_device
-from .processes import check_parent_alive, start_child
-from .pruning import (
+from unlearning.errors import DamagedFile, ParentGone, Terminated, TrainingDiverged, UserError, raise_terminated
+from unlearning.evaluation import EVALUATE_COLUMNS, evaluate_checkpoint, format_cell, markdown_table
+from unlearning.files import (
+    atomic_write,
+    check_writable,
+    save_figure,
+    write_bytes,
+    write_error,
+    write_json,
+    write_text,
+    written,
+)
+from unlearning.forget import ForgetSpec, Splits, check_splits, forget_spec_from_args, make_splits
+from unlearning.measure import AccuracyCurve, Measure, default_eval_every, warm_up, warm_up_on
+from unlearning.metrics import METRIC_KEYS, accuracy, evaluate_model, mia_efficacy, predict, resolved, run_now
+from unlearning.models import SlimResNet, build_model, count_parameters, is_channels_last, keep_layout, to_device
+from unlearning.processes import check_parent_alive, start_child
+from unlearning.pruning import (
     batchnorm_after,
     import_torch_pruning,
     make_masks_permanent,
@@ -100,7 +106,7 @@ from .pruning import (
     pruned_layers,
     resize_to_state,
 )
-from .scripts import (
+from unlearning.scripts import (
     Context,
     cli,
     nested_cli,
@@ -111,7 +117,7 @@ from .scripts import (
     train_on_retain,
     unlearn_and_save,
 )
-from .settings import (
+from unlearning.settings import (
     ARCHS,
     BASELINE_SGD,
     BATCHNORM_MODES,
@@ -139,7 +145,7 @@ from .settings import (
     gpu_shaped_mode,
     preset_recipe,
 )
-from .training import (
+from unlearning.training import (
     COMPILE_BACKEND,
     autocast,
     beta_sample,

@@ -14,6 +14,7 @@ CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "
 ARCHS = ("resnet50", "vit")
 PRESETS = ("full", "smoke")
 DEFAULT_FORGET_CLASS = 3
+REPOSITORY = Path(__file__).resolve().parent.parent  # the scripts and requirements.txt
 WEIGHTS_DIR = Path("model_weights")
 RESULTS_DIR = Path("results")
 # The paper's unlearning recipe (Adam, cross-entropy, no augmentation).

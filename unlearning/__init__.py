@@ -1,0 +1,18 @@
+"""The library behind the scripts: one idea per module. Scripts reach it through `common.py`; nothing here imports
+that file or a script. From the ground up (a module imports only those above it):
+
+    settings, errors             constants and recipes; one-line errors
+    processes, files             children that die with their parent; atomic output files
+    data, forget, models         CIFAR-10 on the device; forget/retain splits; ResNet-50 and ViT-S/4
+    pruning, adapters            structured L2 pruning; LoRA through peft
+    training, baselines          the one training loop; the baselines' losses and saliency
+    metrics, measure             UA/RA/TA/MIA; warm-up, RTE, peak memory, accuracy curves
+    checkpoints, evaluation      saving, loading, naming; one checkpoint's metrics and tables
+    arguments, scripts           flag helpers; the command-line runner, run_method, run_from_scratch
+    representation               Probe-UA, CKA and relearn time
+    costs                        counted costs of a training step and an evaluation
+    units, records, locks        the sweep's units and runs; run records, fingerprints and schema; unit locks
+    runners, sweep, launch       running a step; the sweep behind reproduce.py; its parallel launchers
+
+The package imports nothing on its own, so `from unlearning import launch` stays light (SLURM jobs start fast).
+"""
