@@ -21,6 +21,7 @@ memory from the counts. Writes bench/costs/costs.json and costs.md.
 """
 import contextlib
 import copy
+import dataclasses
 import datetime
 import functools
 import math
@@ -53,8 +54,8 @@ COLUMNS = {"arch": "arch", "task": "task", "method": "method", "prune_mode": "pr
            "peak_gpu_mem_mb": "peak GPU MB", "speedup": "speed-up (b)/(a)", "params": "params", "macs": "MACs"}
 
 
-class PILCIFAR10(Dataset):
-    """uint8 [N, 3, 32, 32] images decoded per item through PIL, as torchvision.datasets.CIFAR10 does."""
+class PILImages(Dataset):
+    """uint8 [N, 3, S, S] images decoded per item through PIL, as torchvision.datasets.CIFAR10 does."""
 
     def __init__(self, images, labels, transform):
         self.images = images.permute(0, 2, 3, 1).numpy()
@@ -69,8 +70,9 @@ class PILCIFAR10(Dataset):
 
 
 def reference_loader(data_cpu, idx, batch_size, seed):
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(common.CIFAR_MEAN, common.CIFAR_STD)])
-    dataset = PILCIFAR10(data_cpu.train_images[idx.cpu()], data_cpu.train_labels[idx.cpu()], transform)
+    info = common.DATASETS[data_cpu.dataset]
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(info.mean, info.std)])
+    dataset = PILImages(data_cpu.train_images[idx.cpu()], data_cpu.train_labels[idx.cpu()], transform)
     return DataLoader(dataset, **dict(REFERENCE_LOADER, batch_size=batch_size),
                       generator=torch.Generator().manual_seed(seed))
 
@@ -113,17 +115,24 @@ def method_args(args, arch, prune_mode, extra=()):
     parser = common.make_parser(__doc__)
     common.add_common_arguments(parser)
     common.add_method_arguments(parser)
-    argv = ["--arch", arch, "--preset", args.preset, "--device", args.device, "--prune-mode", prune_mode, *extra]
+    argv = ["--arch", arch, "--dataset", args.dataset, "--preset", args.preset, "--device", args.device,
+            "--prune-mode", prune_mode, *extra]
     return parser.parse_args(argv)
 
 
 def original_model(args, arch):
     """The original checkpoint if there is one, else a fresh model (timings do not depend on the weights)."""
-    path = common.weights_path(arch, "original", args.preset)
+    path = common.weights_path(arch, "original", args.preset, dataset=args.dataset)
     if path.is_file():
-        return common.load_checkpoint(path, "cpu", arch=arch)[0], str(path)
+        return common.load_checkpoint(path, "cpu", arch=arch, dataset=args.dataset)[0], str(path)
     common.seed_everything(0)
-    return common.build_model(arch, args.preset), "random init"
+    return dataset_model(arch, args), "random init"
+
+
+def dataset_model(arch, args):
+    """A fresh model of arch for --dataset's classes and image size."""
+    info = common.DATASETS[args.dataset]
+    return common.build_model(arch, args.preset, info.num_classes, info.image_size)
 
 
 def run_unlearning(args, arch, method, style, prune_mode, source, data, data_cpu, splits, batch_size):
@@ -176,17 +185,18 @@ def counting_compiles(row):
 def warm_up(source, data, device):
     """One untimed forward and backward, so one-time start-up costs (kernel libraries, allocator) land in no row."""
     model = common.to_device(copy.deepcopy(source), device)
-    common.cross_entropy(model, common.normalize(data.train_images[:8]), data.train_labels[:8]).backward()
+    common.cross_entropy(model, common.normalize(data.train_images[:8], data.dataset),
+                         data.train_labels[:8]).backward()
 
 
 def bench_pretraining(args, arch, data):
     """Images/s of pretrain.py's loop (augmentation, one-cycle schedule) over a few steps, after one warm-up step."""
-    recipe = dict(common.PRETRAIN_RECIPES[arch], epochs=1)
+    recipe = dict(common.pretrain_recipe(arch, args.dataset), epochs=1)
     if args.preset == "smoke":
         recipe["batch_size"] = common.SMOKE["batch_size"]
     device = torch.device(args.device)
     common.seed_everything(0)
-    model = common.to_device(common.build_model(arch, args.preset), device)
+    model = common.to_device(dataset_model(arch, args), device)
     warm_up = torch.arange(min(recipe["batch_size"], len(data.train_labels)), device=device)
     common.train_from_scratch(model, data, warm_up, recipe, seed=0)
     idx = torch.arange(min(PRETRAIN_STEPS[args.preset] * recipe["batch_size"], len(data.train_labels)), device=device)
@@ -269,6 +279,7 @@ COST_METHODS = (*METHODS, "ga", "rl", "l1sparse", "salun", "scrub")
 BASELINE_BATCH_SIZE = 256
 COST_PREPARE = {**PREPARE, **{method: PREPARE["finetune"] for method in COST_METHODS if method not in PREPARE}}
 # CIFAR-10 with the default forget class: the image counts the per-image counts are scaled to.
+COSTED_DATASET = common.DATASETS["cifar10"]  # --costs counts the paper's setting: CIFAR-10 at full size
 FULL_SPLIT = {"train": 50_000, "retain": 45_000, "forget": 5_000, "test": 9_000, "all_test": 10_000}
 MB = 1e6
 COST_COLUMNS = {"arch": "arch", "method": "method", "prune_mode": "prune mode", "lora_dropout": "LoRA dropout",
@@ -355,11 +366,12 @@ def cost_data(batch, device):
     counted epoch has a first step, a steady one and a smaller last one."""
     n = 2 * batch + batch // 2
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (2 * n, 3, common.IMAGE_SIZE, common.IMAGE_SIZE), dtype=torch.uint8,
-                           generator=generator)
-    others = torch.tensor([c for c in range(common.NUM_CLASSES) if c != common.DEFAULT_FORGET_CLASS])
+    size, classes = COSTED_DATASET.image_size, COSTED_DATASET.num_classes
+    images = torch.randint(0, 256, (2 * n, 3, size, size), dtype=torch.uint8, generator=generator)
+    others = torch.tensor([c for c in range(classes) if c != common.DEFAULT_FORGET_CLASS])
     labels = torch.cat([torch.full((n,), common.DEFAULT_FORGET_CLASS), others.repeat(n // len(others) + 1)[:n]])
-    data = common.CIFAR10(images.to(device), labels.to(device), images[:n].to(device), labels[:n].to(device))
+    data = common.Data(images.to(device), labels.to(device), images[:n].to(device), labels[:n].to(device),
+                       COSTED_DATASET.name)
     return data, common.make_splits(data.train_labels, data.test_labels, common.ForgetSpec())
 
 
@@ -504,7 +516,7 @@ def run_costs(args):
                 evaluation.append(eval_row(arch, "pruned (physical)" if mode else "full", counts, assumptions))
     results = {"device": common.device_name(args.device), "torch": str(torch.__version__),
                "date": datetime.date.today().isoformat(), "preset": args.preset, "count_batch": args.cost_batch,
-               "dataset_mb": (FULL_SPLIT["train"] + FULL_SPLIT["all_test"]) * 3 * common.IMAGE_SIZE ** 2 / MB,
+               "dataset_mb": (FULL_SPLIT["train"] + FULL_SPLIT["all_test"]) * COSTED_DATASET.pixels / MB,
                "gpu_assumptions": assumptions, "estimate": estimate_text(assumptions), "rows": rows,
                "floors": floor_rows(rows) if "finetune" in args.methods else [], "evaluation": evaluation}
     print(write_costs(out, results))
@@ -521,7 +533,7 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=common.positive_int,
                         help="unlearning epochs (default: 5, under --preset smoke 1)")
     parser.add_argument("--preset", default="full", choices=common.PRESETS, help="full or smoke (default: full)")
-    parser.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (default: data)")
+    common.add_dataset_arguments(parser)
     parser.add_argument("--data-label", help="what the data is, for the table (default: named by the data itself, "
                                              "see docs/data.md)")
     common.add_device_argument(parser)
@@ -542,6 +554,9 @@ def parse_args(argv=None):
                         help="microseconds per kernel launch (a dispatched op other than a view) assumed by the "
                              "--costs time estimate (default: 5)")
     args = parser.parse_args(argv)
+    if args.costs and args.dataset != COSTED_DATASET.name:
+        parser.error(f"--costs counts the paper's setting, {COSTED_DATASET.name} at full size; --dataset applies to "
+                     f"the timings")
     if args.methods is None:
         args.methods = list(COST_METHODS if args.costs else METHODS)
     elif not args.costs and set(args.methods) - set(METHODS):
@@ -557,12 +572,15 @@ def main(argv=None):
         args.epochs = common.SMOKE["epochs"] if args.preset == "smoke" else common.PAPER_RECIPE["epochs"]
     out = Path(args.out)
     common.check_writable(out / "results.json", "--out")
-    data_cpu = common.load_cifar10(args.data, "cpu", args.preset)
-    args.data_label = args.data_label or common.data_label(args.data)
+    data_cpu = common.load_data(args.data, "cpu", args.preset, args.dataset)
+    args.data_label = args.data_label or common.data_label(args.data, args.dataset)
     if args.limit:
-        data_cpu = common.CIFAR10(data_cpu.train_images[:args.limit], data_cpu.train_labels[:args.limit],
-                                  data_cpu.test_images[:args.limit // 5], data_cpu.test_labels[:args.limit // 5])
-    data = common.CIFAR10(*(getattr(data_cpu, f).to(args.device) for f in common.CIFAR10.__dataclass_fields__))
+        data_cpu = dataclasses.replace(data_cpu, train_images=data_cpu.train_images[:args.limit],
+                                       train_labels=data_cpu.train_labels[:args.limit],
+                                       test_images=data_cpu.test_images[:args.limit // 5],
+                                       test_labels=data_cpu.test_labels[:args.limit // 5])
+    data = dataclasses.replace(data_cpu, **{name: getattr(data_cpu, name).to(args.device) for name in
+                                            ("train_images", "train_labels", "test_images", "test_labels")})
     splits = common.make_splits(data.train_labels, data.test_labels, common.ForgetSpec())
     batch_size = common.SMOKE["batch_size"] if args.preset == "smoke" else common.PAPER_RECIPE["batch_size"]
     rows, sources = [], {}

@@ -3,11 +3,11 @@
     import common
     common.run_method("loraprune", unlearn, __doc__)
 
-Here a script finds CIFAR-10 loading (`load_cifar10`, `Batches`), forget-class filtering (`make_splits`,
-`ForgetSpec`), structured L2 pruning (`prune`, `prune_physically`), LoRA (`add_lora`), the training loop
-(`train`), the method runner (`run_method`, `run_from_scratch`, `Context`), checkpoints (`save_checkpoint`,
-`load_checkpoint`, `weights_path`), the metrics (`evaluate_model`, `mia_efficacy`) and the argument helpers.
-The code lives in the package `unlearning/`, one idea per module; this file only hands its names on. The sweep,
+Here a script finds the dataset table (`DATASETS`), data loading (`load_data`, `Batches`), forget-class
+filtering (`make_splits`, `ForgetSpec`), structured L2 pruning (`prune`, `prune_physically`), LoRA (`add_lora`),
+the training loop (`train`), the method runner (`run_method`, `run_from_scratch`, `Context`), checkpoints
+(`save_checkpoint`, `load_checkpoint`, `weights_path`), the metrics (`evaluate_model`, `mia_efficacy`) and the argument
+helpers. The code lives in the package `unlearning/`, one idea per module; this file only hands its names on. The sweep,
 its launchers, the cost model and the representation-level metrics are imported from the package where used
 (`from unlearning import sweep`), so that a script pays for none of them.
 """
@@ -16,6 +16,7 @@ from unlearning.arguments import (
     OneLineParser,
     add_batchnorm_argument,
     add_common_arguments,
+    add_dataset_arguments,
     add_device_argument,
     add_forget_arguments,
     add_lora_arguments,
@@ -55,9 +56,11 @@ from unlearning.baselines import (
 )
 from unlearning.checkpoints import (
     NAMED_OR_NEUTRAL_FLAGS,
+    checkpoint_dataset,
     device_name,
     library_versions,
     load_checkpoint,
+    model_for,
     name_settings,
     save_checkpoint,
     setting_text,
@@ -65,18 +68,19 @@ from unlearning.checkpoints import (
     weights_path,
 )
 from unlearning.data import (
-    CIFAR10,
     DIFFERENT_DATA_LABEL,
-    OFFICIAL_FILES,
     PROVENANCE_FILE,
     Batches,
+    Data,
     augment,
     data_key,
     data_label,
-    load_cifar10,
+    different_data_label,
+    load_data,
     normalize,
     shared_data,
 )
+from unlearning.datasets import DATASET_NAMES, DATASETS, DEFAULT_DATASET, Dataset
 from unlearning.errors import DamagedFile, ParentGone, Terminated, TrainingDiverged, UserError, raise_terminated
 from unlearning.evaluation import EVALUATE_COLUMNS, evaluate_checkpoint, format_cell, markdown_table
 from unlearning.files import (
@@ -89,10 +93,18 @@ from unlearning.files import (
     write_text,
     written,
 )
-from unlearning.forget import ForgetSpec, Splits, check_splits, forget_spec_from_args, make_splits
+from unlearning.forget import ForgetSpec, Splits, check_classes, check_splits, forget_spec_from_args, make_splits
 from unlearning.measure import AccuracyCurve, Measure, default_eval_every, warm_up, warm_up_on
 from unlearning.metrics import METRIC_KEYS, accuracy, evaluate_model, mia_efficacy, predict, resolved, run_now
-from unlearning.models import SlimResNet, build_model, count_parameters, is_channels_last, keep_layout, to_device
+from unlearning.models import (
+    SlimResNet,
+    build_model,
+    count_parameters,
+    input_size,
+    is_channels_last,
+    keep_layout,
+    to_device,
+)
 from unlearning.processes import check_parent_alive, start_child
 from unlearning.pruning import (
     batchnorm_after,
@@ -121,19 +133,15 @@ from unlearning.settings import (
     ARCHS,
     BASELINE_SGD,
     BATCHNORM_MODES,
-    CIFAR_MEAN,
-    CIFAR_STD,
-    CLASS_NAMES,
     DEFAULT_FORGET_CLASS,
     DIVERGENCE_CHECK_STEPS,
     EVAL_BATCH_SIZE,
     GPU_SHAPED_ENV,
-    IMAGE_SIZE,
     LORA_DEFAULTS,
     MIA_MAX_SAMPLES,
-    NUM_CLASSES,
     PAPER_RECIPE,
     PRESETS,
+    PRETRAIN_DATASET_CHANGES,
     PRETRAIN_OPTIONS,
     PRETRAIN_RECIPES,
     PRUNE_AMOUNT,
@@ -144,6 +152,7 @@ from unlearning.settings import (
     gpu_shaped,
     gpu_shaped_mode,
     preset_recipe,
+    pretrain_recipe,
 )
 from unlearning.training import (
     COMPILE_BACKEND,

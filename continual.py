@@ -7,7 +7,8 @@ Step k runs the method's script (its command line, in this process; nothing is i
 k-1's checkpoint (the original model at step 1) and --forget-class = every class forgotten so far, so the forget
 set accumulates. After each step UA, RA, TA and MIA-efficacy are measured on everything forgotten so far, beside
 the step's RTE; retrain.py on each step's retain set is the reference (--no-retrain skips it). Writes
-results/continual_{arch}[-smoke]_{methods}.json, .md and .png; step checkpoints go to model_weights/continual/.
+results/continual_{arch}[-smoke][_{dataset}]_{methods}.json, .md and .png (the dataset named unless CIFAR-10);
+step checkpoints go to model_weights/continual/.
 """
 import runpy
 import sys
@@ -38,16 +39,20 @@ def run_script(script, argv):
         sys.argv = saved_argv
 
 
+def run_name(args):
+    """{arch}[-smoke][_{dataset}], as the checkpoints name them."""
+    return common.weights_path(args.arch, "", args.preset, dataset=args.dataset).stem.removesuffix("_")
+
+
 def step_checkpoint(args, method, step):
-    name = args.arch + ("-smoke" if args.preset == "smoke" else "")
-    return common.WEIGHTS_DIR / "continual" / f"{name}_{method}_step{step}.pth"
+    return common.WEIGHTS_DIR / "continual" / f"{run_name(args)}_{method}_step{step}.pth"
 
 
 def evaluate_step(path, method, step, forgotten, args, data_cache):
     """One table row: the metrics of a step's checkpoint on every class forgotten so far."""
     spec = common.ForgetSpec(tuple(forgotten))
-    row = common.evaluate_checkpoint(path, args.data, args.device, spec, args.seed, data_cache)
-    data = data_cache[(args.data, args.preset)]
+    row = common.evaluate_checkpoint(path, args.data, args.device, spec, args.seed, data_cache, dataset=args.dataset)
+    data = data_cache[(args.data, args.preset, args.dataset)]
     splits = common.make_splits(data.train_labels, data.test_labels, spec)
     return {"method": method, "step": step, "forget_classes": list(forgotten), "forget_images": len(splits.forget_idx),
             "retain_images": len(splits.retain_idx), **{key: row[key] for key in (*common.METRIC_KEYS, "RTE_s")},
@@ -56,8 +61,8 @@ def evaluate_step(path, method, step, forgotten, args, data_cache):
 
 def run_method_steps(method, args, data_cache):
     """Apply the forget requests one after another with method; one row per step."""
-    shared = ["--arch", args.arch, "--data", args.data, "--device", args.device, "--seed", args.seed,
-              "--preset", args.preset]
+    shared = ["--arch", args.arch, "--dataset", args.dataset, "--data", args.data, "--device", args.device,
+              "--seed", args.seed, "--preset", args.preset]
     rows, weights = [], args.weights
     for step in range(1, len(args.steps) + 1):
         forgotten = sorted(args.steps[:step])
@@ -74,19 +79,20 @@ def run_retrain_steps(args, data_cache):
     for step in range(1, len(args.steps) + 1):
         forgotten = sorted(args.steps[:step])
         out = step_checkpoint(args, "retrain", step)
-        run_script("retrain.py", ["--arch", args.arch, "--data", args.data, "--device", args.device, "--seed",
+        run_script("retrain.py", ["--arch", args.arch, "--dataset", args.dataset, "--data", args.data,
+                                  "--device", args.device, "--seed",
                                   args.seed, "--preset", args.preset, "--forget-class", *forgotten, "--out", out])
         rows.append(evaluate_step(out, "retrain", step, forgotten, args, data_cache))
     return rows
 
 
-def plot(rows, steps, title, path):
+def plot(rows, steps, class_names, title, path):
     """One panel per metric, metric vs step, one line per method; drawn with the Agg backend."""
     methods = list(dict.fromkeys(row["method"] for row in rows))
     figure = Figure(figsize=(4 * len(PLOTTED), 3.8), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(PLOTTED))
-    tick_labels = [f"{k}\n+{c} {common.CLASS_NAMES[c]}" for k, c in enumerate(steps, start=1)]
+    tick_labels = [f"{k}\n+{c} {class_names[c]}" for k, c in enumerate(steps, start=1)]
     for ax, (key, label) in zip(axes, PLOTTED.items(), strict=True):
         for method in methods:
             points = sorted((row["step"], row[key]) for row in rows if row["method"] == method)
@@ -106,22 +112,24 @@ def main(argv=None):
     parser = common.make_parser(__doc__)
     parser.add_argument("--method", "--methods", dest="methods", nargs="+", choices=METHODS, default=["loraprune"],
                         metavar="METHOD", help=f"unlearning method(s): {', '.join(METHODS)} (default: loraprune)")
-    parser.add_argument("--steps", type=int, nargs="+", choices=range(common.NUM_CLASSES), default=[3, 5, 7],
-                        metavar="C", help="the class forgotten at each step, in order (default: 3 5 7)")
+    parser.add_argument("--steps", type=common.nonnegative_int, nargs="+", default=[3, 5, 7], metavar="C",
+                        help="the class forgotten at each step, in order (default: 3 5 7)")
     parser.add_argument("--no-retrain", action="store_true", help="skip retraining from scratch at each step")
     parser.add_argument("--arch", default="resnet50", choices=common.ARCHS, help="model (default: resnet50)")
     parser.add_argument("--weights", help="original model (default: model_weights/{arch}_original.pth)")
-    parser.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (default: data)")
+    common.add_dataset_arguments(parser)
     common.add_seed_argument(parser, "seed of every step and of the MIA")
     common.add_device_argument(parser)
     parser.add_argument("--preset", default="full", choices=common.PRESETS,
                         help="full: the paper's settings; smoke: a tiny CPU configuration (default: full)")
     args = parser.parse_args(argv)
-    if len(set(args.steps)) != len(args.steps) or len(args.steps) >= common.NUM_CLASSES:
-        raise common.UserError("--steps must name distinct classes, fewer than all ten")
+    num_classes = common.DATASETS[args.dataset].num_classes
+    if len(set(args.steps)) != len(args.steps):
+        raise common.UserError("--steps must name distinct classes")
+    common.check_classes(common.ForgetSpec(tuple(args.steps)), args.dataset)
     args.methods = list(dict.fromkeys(args.methods))
-    args.weights = args.weights or str(common.weights_path(args.arch, "original", args.preset))
-    name = f"continual_{args.arch}{'-smoke' if args.preset == 'smoke' else ''}_{'-'.join(args.methods)}"
+    args.weights = args.weights or str(common.weights_path(args.arch, "original", args.preset, dataset=args.dataset))
+    name = f"continual_{run_name(args)}_{'-'.join(args.methods)}"
     out = common.RESULTS_DIR / name
     for path in (out.with_suffix(".json"), step_checkpoint(args, args.methods[0], 1)):
         common.check_writable(path, "output")
@@ -129,12 +137,16 @@ def main(argv=None):
     rows = [row for method in args.methods for row in run_method_steps(method, args, data_cache)]
     if not args.no_retrain:
         rows += run_retrain_steps(args, data_cache)
-    common.write_json(out.with_suffix(".json"), {"arch": args.arch, "preset": args.preset, "steps": args.steps,
+    common.write_json(out.with_suffix(".json"), {"arch": args.arch, "dataset": args.dataset, "preset": args.preset,
+                                                 "num_classes": num_classes, "steps": args.steps,
                                                  "methods": args.methods, "seed": args.seed, "rows": rows})
-    table = [dict(row, forget_classes=" ".join(map(str, row["forget_classes"]))) for row in rows]
+    class_names = data_cache[(args.data, args.preset, args.dataset)].class_names
+    table = [dict(row, forget_classes=", ".join(f"{c} ({class_names[c]})" for c in row["forget_classes"]))
+             for row in rows]
     common.write_text(out.with_suffix(".md"), common.markdown_table(table, COLUMNS) + "\n")
-    title = f"Continual unlearning, {args.arch} ({args.preset} preset): metrics on every class forgotten so far"
-    plot(rows, args.steps, title, out.with_suffix(".png"))
+    title = f"Continual unlearning, {args.arch} on {args.dataset} ({args.preset} preset): metrics on every class " \
+            f"forgotten so far"
+    plot(rows, args.steps, class_names, title, out.with_suffix(".png"))
     print(common.markdown_table(table, COLUMNS))
     print(f"-> {out}.json, .md, .png")
     return rows

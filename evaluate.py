@@ -5,9 +5,9 @@
 
 UA = 100 - accuracy on the forget set; RA = accuracy on the retain set; TA = accuracy on the test set
 without the forgotten classes; MIA-efficacy = share of forget samples that Unlearn-Sparse's SVC
-membership-inference attack calls non-members. All in percent. Arch, forget setting and the seed of the
-MIA's samples come from each checkpoint's meta (the original model, which has no forget setting, is scored
-on class 3 unless --forget-* is given; --seed overrides the MIA seed).
+membership-inference attack calls non-members. All in percent. Arch, dataset (read from --data in its
+standard layout), forget setting and the seed of the MIA's samples come from each checkpoint's meta (the original
+model, which has no forget setting, is scored on class 3 unless --forget-* is given; --seed overrides the MIA seed).
 --probe, --cka and --relearn add representation-level metrics (unlearning/representation.py): whether the features
 still know the forgotten data, however the outputs look. They draw their samples with the same seed.
 """
@@ -18,7 +18,7 @@ from unlearning import representation
 def main(argv=None):
     parser = common.make_parser(__doc__)
     parser.add_argument("checkpoints", nargs="+", metavar="PATH", help="checkpoints written by this project's scripts")
-    parser.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (default: data)")
+    common.add_dataset_arguments(parser, dataset=False)
     common.add_forget_arguments(parser)
     parser.add_argument("--seed", type=common.seed_int,
                         help="seed of the MIA's member/non-member samples and of the probe's, CKA's and "

@@ -111,10 +111,10 @@ def format_stat(stat, digits=2):
 
 # ------------------------------------------------------------------------------------------ the sweep
 
-def forget_description(spec):
+def forget_description(spec, class_names):
     if spec.random_fraction is not None:
         return f"random {spec.random_fraction * 100:g}% of training images (forget seed {spec.seed})"
-    names = ", ".join(common.CLASS_NAMES[c] for c in spec.classes)
+    names = ", ".join(class_names[c] for c in spec.classes)
     return f"class{'es' if len(spec.classes) > 1 else ''} {', '.join(map(str, spec.classes))} ({names})"
 
 
@@ -192,7 +192,8 @@ def load_runs(arch, spec, plan):
     forget setting."""
     matching, left_out = [], []
     for path, record in plan.records().items():
-        if (record.get("arch"), record.get("preset"), record.get("forget")) != (arch, plan.args.preset, spec.tag):
+        if (record.get("arch"), record.get("preset"), record.get("forget"), record.get("dataset", "cifar10")) != \
+                (arch, plan.args.preset, spec.tag, plan.args.dataset):
             continue
         run = units.make_run(arch, record["method"], record["seed"], plan.args, spec)
         original_hash = None if run.from_scratch else plan.original_hash(arch, record["seed"])
@@ -208,13 +209,14 @@ def distinct(runs, key, missing):
     return sorted({run.get(key) or missing for run in runs})
 
 
-def header(arch, preset, spec, runs):
+def header(arch, dataset, preset, spec, runs, class_names):
     """Title line from the records themselves: their devices, the dates they were made, their data labels."""
     devices = distinct(runs, "device", "unknown device")
     dates = sorted({(run.get("created") or "")[:10] for run in runs} - {""})
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}" if dates else "date unknown"
     seeds = sorted({run["seed"] for run in runs})
-    return (f"{arch} · forget {forget_description(spec)} · preset {preset} · {', '.join(devices)} · {when} · "
+    return (f"{arch} · {dataset} · forget {forget_description(spec, class_names)} · preset {preset} · "
+            f"{', '.join(devices)} · {when} · "
             f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}) · "
             f"{', '.join(distinct(runs, 'data_label', 'unlabelled data'))}")
 
@@ -420,7 +422,7 @@ def plot_tradeoff(path, title, rows):
 def write_results(arch, spec, plan):
     """Rebuild results/{stem}.json, .md and the two plots from the matching records; returns the stem's path."""
     runs, left_out = load_runs(arch, spec, plan)
-    stem = common.RESULTS_DIR / units.results_stem(arch, plan.args.preset, spec)
+    stem = common.RESULTS_DIR / units.results_stem(arch, plan.args.preset, spec, plan.args.dataset)
     if left_out:
         print(f"left out of {stem}.*: {len(left_out)} record(s) that differ from this plan: {', '.join(left_out)}")
     if not runs:
@@ -428,10 +430,12 @@ def write_results(arch, spec, plan):
     order = {method: i for i, method in enumerate(method_order({run["method"] for run in runs}))}
     runs.sort(key=lambda run: (order[run["method"]], run["seed"]))
     rows = summarize(runs)
-    title = header(arch, plan.args.preset, spec, runs)
+    data = plan.data_cache[plan.data_key]
+    title = header(arch, plan.args.dataset, plan.args.preset, spec, runs, data.class_names)
     lines = notes(spec, rows, runs)
     common.write_json(stem.with_suffix(".json"), {"header": title, "notes": lines, "arch": arch,
-                                                  "preset": plan.args.preset, "forget": spec.to_dict(),
+                                                  "dataset": plan.args.dataset, "preset": plan.args.preset,
+                                                  "forget": spec.to_dict(),
                                                   "summary": rows, "runs": runs, "left_out": left_out})
     write_markdown(stem.with_suffix(".md"), title, lines, rows)
     plot_metrics(stem.with_name(f"{stem.name}_metrics.png"), title, rows)
@@ -454,10 +458,10 @@ def parse_args(argv):
     parser.add_argument("--preset", choices=common.PRESETS,
                         help="full: the paper's settings; smoke: tiny models on a few images per class "
                              "(default: full on a GPU, smoke on CPU)")
-    parser.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (default: data)")
+    common.add_dataset_arguments(parser)
     parser.add_argument("--data-label",
                         help="name of the data set, recorded with each run; table headers show the labels of "
-                             "their runs (default: named by the data itself: CIFAR-10 when the files match the "
+                             "their runs (default: named by the data itself: e.g. CIFAR-10 when the files match the "
                              "official release's checksums, else the text of a PROVENANCE file beside them)")
     common.add_forget_arguments(parser)
     common.add_device_argument(parser)
@@ -580,14 +584,15 @@ def main(argv=None):
         return []
     selected = units.select_units(planned, args.units)
     data_start = time.monotonic()
-    data = common.load_cifar10(args.data, args.device, args.preset)
-    args.data_label = args.data_label or common.data_label(args.data)
-    plan = sweep.Sweep(args, spec, records.data_sha256(data), {(args.data, args.preset): data})
+    data = common.load_data(args.data, args.device, args.preset, args.dataset)
+    args.data_label = args.data_label or common.data_label(args.data, args.dataset)
+    plan = sweep.Sweep(args, spec, records.data_sha256(data), {(args.data, args.preset, args.dataset): data})
     plan.times["startup_s"] += time.monotonic() - data_start
     if not args.tables_only:
         print(f"{len(selected)} units: {' '.join(args.arch)} x seeds {' '.join(map(str, args.seeds))} x "
               f"(original {' '.join(args.methods)} | retrain), preset {args.preset}, "
-              f"forget {forget_description(spec)}, device {common.device_name(args.device)}", flush=True)
+              f"{args.dataset}, forget {forget_description(spec, data.class_names)}, "
+              f"device {common.device_name(args.device)}", flush=True)
         if args.launcher:
             launch_in_parallel(plan, selected, args, argv)
         else:

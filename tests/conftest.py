@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny synthetic CIFAR-10 in the standard pickle layout, and in-process script runs."""
+"""Shared fixtures: tiny synthetic datasets in their standard layouts (CIFAR-10, CIFAR-100, SVHN, Tiny ImageNet),
+and in-process script runs."""
 import pickle
 import runpy
 import sys
@@ -35,6 +36,90 @@ def write_synthetic_cifar(root, train_per_class=TRAIN_PER_CLASS, test_per_class=
     with open(folder / "test_batch", "wb") as f:
         pickle.dump({"data": test, "labels": test_labels}, f)
     return Path(root)
+
+
+def _coloured_noise(rng, classes, per_class, size):
+    """(uint8 images [N, 3, size, size], labels [N]): per_class images of each class, coloured by class plus noise."""
+    palette = rng.integers(40, 216, size=(classes, 3))
+    labels = np.tile(np.arange(classes), per_class)
+    noise = rng.normal(0, 40, size=(len(labels), 3, size, size))
+    return np.clip(palette[labels][:, :, None, None] + noise, 0, 255).astype(np.uint8), labels
+
+
+def write_synthetic_cifar100(root, train_per_class=4, test_per_class=2, seed=0):
+    """cifar-100-python/ (train, test, meta) under root, as the release pickles them: 100 fine classes."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, per_class in (("train", train_per_class), ("test", test_per_class)):
+        images, labels = _coloured_noise(rng, 100, per_class, 32)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": images.reshape(len(labels), -1), "fine_labels": labels.tolist(),
+                         "coarse_labels": (labels // 5).tolist()}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"fine{c}" for c in range(100)],
+                     "coarse_label_names": [f"coarse{c}" for c in range(20)]}, f)
+    return Path(root)
+
+
+def write_synthetic_svhn(root, train_per_class=20, test_per_class=10, seed=0):
+    """train_32x32.mat and test_32x32.mat under root, as the release stores them: X [32, 32, 3, N], y [N, 1] with
+    the digit 0 labelled 10."""
+    import scipy.io
+
+    rng = np.random.default_rng(seed)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    for name, per_class in (("train", train_per_class), ("test", test_per_class)):
+        images, labels = _coloured_noise(rng, 10, per_class, 32)
+        y = np.where(labels == 0, 10, labels).astype(np.uint8)[:, None]
+        scipy.io.savemat(Path(root) / f"{name}_32x32.mat", {"X": images.transpose(2, 3, 1, 0), "y": y})
+    return Path(root)
+
+
+def write_synthetic_tiny_imagenet(root, train_per_class=2, test_per_class=1, seed=0):
+    """tiny-imagenet-200/ under root, as the official zip unpacks: wnids.txt, words.txt, train/<wnid>/images/*.JPEG
+    and val/images/*.JPEG with val/val_annotations.txt; 200 classes of 64x64 JPEGs (a few grey, as in the release)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "tiny-imagenet-200"
+    wnids = [f"n{1000 + 7 * c:08d}" for c in range(200)]
+    (folder / "val" / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "wnids.txt").write_text("".join(f"{wnid}\n" for wnid in reversed(wnids)))  # the release is unsorted
+    (folder / "words.txt").write_text("".join(f"{wnid}\tword{c}, synonym\n" for c, wnid in enumerate(wnids)))
+
+    def save(image, path):
+        picture = Image.fromarray(image.transpose(1, 2, 0))
+        (picture.convert("L") if rng.random() < 0.05 else picture).save(path, quality=95)
+
+    images, labels = _coloured_noise(rng, 200, train_per_class, 64)
+    for k, (image, label) in enumerate(zip(images, labels, strict=True)):
+        path = folder / "train" / wnids[label] / "images" / f"{wnids[label]}_{k}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save(image, path)
+    images, labels = _coloured_noise(rng, 200, test_per_class, 64)
+    annotations = []
+    for k, (image, label) in enumerate(zip(images, labels, strict=True)):
+        save(image, folder / "val" / "images" / f"val_{k}.JPEG")
+        annotations.append(f"val_{k}.JPEG\t{wnids[label]}\t0\t0\t63\t63\n")
+    (folder / "val" / "val_annotations.txt").write_text("".join(annotations))
+    return Path(root)
+
+
+SYNTHETIC_WRITERS = {"cifar10": write_synthetic_cifar, "cifar100": write_synthetic_cifar100,
+                     "svhn": write_synthetic_svhn, "tinyimagenet": write_synthetic_tiny_imagenet}
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory):
+    """dataset_dir(name) -> a folder holding that dataset's synthetic files in its standard layout, written once."""
+    made = {}
+
+    def get(name):
+        if name not in made:
+            made[name] = SYNTHETIC_WRITERS[name](tmp_path_factory.mktemp(name))
+        return made[name]
+    return get
 
 
 def run_script(name, *args):

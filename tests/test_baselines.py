@@ -9,6 +9,8 @@ from torch import nn
 
 import common
 
+CLASSES = common.DATASETS["cifar10"].num_classes
+
 SMOKE = ["--arch", "vit", "--preset", "smoke", "--device", "cpu"]
 
 
@@ -21,7 +23,7 @@ def unlearn(script, original_weights, cifar_dir, out, *extra):
 def forget_loss(path, cifar_dir):
     """Mean cross-entropy of a checkpoint on the default forget set (class 3), in eval mode."""
     model, _ = common.load_checkpoint(path)
-    data = common.load_cifar10(cifar_dir, "cpu", "smoke")
+    data = common.load_data(cifar_dir, "cpu", "smoke")
     forget_idx = common.make_splits(data.train_labels, data.test_labels, common.ForgetSpec()).forget_idx
     probs = common.predict(model, data.train_images, forget_idx)
     return F.nll_loss(probs.log(), data.train_labels[forget_idx]).item()
@@ -53,7 +55,7 @@ def test_salun_mask_holds_the_share_and_training_moves_nothing_outside_it(salien
     original, _ = common.load_checkpoint(original_weights("vit"))
     unlearned = torch.load(out, weights_only=True)
     assert unlearned["meta"]["hyperparameters"]["saliency"] == saliency
-    data = common.load_cifar10(cifar_dir, "cpu", "smoke")
+    data = common.load_data(cifar_dir, "cpu", "smoke")
     splits = common.make_splits(data.train_labels, data.test_labels, common.ForgetSpec())
     forget = common.Batches(data.train_images, data.train_labels, splits.forget_idx, common.SMOKE["batch_size"])
     mask = common.saliency_mask(original, forget, 0.5, step_lr)
@@ -70,8 +72,8 @@ def test_salun_mask_holds_the_share_and_training_moves_nothing_outside_it(salien
 
 
 def test_saliency_mask_share_is_exact_on_a_tiny_model():
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 7), nn.ReLU(), nn.Linear(7, common.NUM_CLASSES))
-    batches = [(torch.randn(5, 3, 4, 4), torch.randint(0, common.NUM_CLASSES, (5,))) for _ in range(2)]
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 7), nn.ReLU(), nn.Linear(7, CLASSES))
+    batches = [(torch.randn(5, 3, 4, 4), torch.randint(0, CLASSES, (5,))) for _ in range(2)]
     mask = common.saliency_mask(model, batches, 0.3)
     total = sum(p.numel() for p in model.parameters())
     assert sum(keep.sum().item() for keep in mask.values()) == round(0.3 * total)
@@ -80,8 +82,8 @@ def test_saliency_mask_share_is_exact_on_a_tiny_model():
 
 def test_stepped_saliency_follows_the_sgd_path_and_leaves_the_model_alone():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 7), nn.ReLU(), nn.Linear(7, common.NUM_CLASSES))
-    batches = [(torch.randn(5, 3, 4, 4), torch.randint(0, common.NUM_CLASSES, (5,))) for _ in range(4)]
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 7), nn.ReLU(), nn.Linear(7, CLASSES))
+    batches = [(torch.randn(5, 3, 4, 4), torch.randint(0, CLASSES, (5,))) for _ in range(4)]
     start = copy.deepcopy(model.state_dict())
     paper = common.saliency_mask(model, batches, 0.3)
     at_start = common.saliency_mask(model, batches, 0.3, step_lr=0.0)  # steps of size 0 never leave the start
@@ -94,15 +96,15 @@ def test_stepped_saliency_follows_the_sgd_path_and_leaves_the_model_alone():
 
 
 def test_random_labels_are_never_the_true_label():
-    labels = torch.arange(common.NUM_CLASSES).repeat(500)
+    labels = torch.arange(CLASSES).repeat(500)
     relabelled = common.random_other_labels(labels, torch.Generator().manual_seed(0))
     assert (relabelled != labels).all()
-    for c in range(common.NUM_CLASSES):  # every other class is drawn
-        assert set(relabelled[labels == c].tolist()) == set(range(common.NUM_CLASSES)) - {c}
+    for c in range(CLASSES):  # every other class is drawn
+        assert set(relabelled[labels == c].tolist()) == set(range(CLASSES)) - {c}
 
 
 def test_rl_batches_relabel_only_the_forget_set():
-    labels = torch.arange(common.NUM_CLASSES).repeat(12)
+    labels = torch.arange(CLASSES).repeat(12)
     images = torch.zeros(len(labels), 3, 32, 32, dtype=torch.uint8)
     forget_idx = torch.nonzero(labels == 3).flatten()
     retain_idx = torch.nonzero(labels != 3).flatten()
@@ -130,7 +132,7 @@ def test_l1_penalty_shrinks_the_weights(original_weights, cifar_dir, workdir):
 
 
 def test_distill_kl_is_zero_only_when_student_matches_teacher():
-    logits = torch.randn(4, common.NUM_CLASSES)
+    logits = torch.randn(4, CLASSES)
     assert common.distill_kl(logits, logits, 4.0).item() == pytest.approx(0, abs=1e-6)
     assert common.distill_kl(logits, logits.flip(1), 4.0).item() > 0
 
@@ -159,8 +161,8 @@ def test_l1_norm_and_its_gradient_match_the_per_parameter_sum():
 
 def test_saliency_sums_the_forget_gradients_per_parameter():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 7), nn.ReLU(), nn.Linear(7, common.NUM_CLASSES))
-    batches = [(torch.randn(5, 3, 4, 4), torch.randint(0, common.NUM_CLASSES, (5,))) for _ in range(3)]
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 7), nn.ReLU(), nn.Linear(7, CLASSES))
+    batches = [(torch.randn(5, 3, 4, 4), torch.randint(0, CLASSES, (5,))) for _ in range(3)]
     summed = [torch.zeros_like(p) for p in model.parameters()]
     for inputs, labels in batches:
         model.zero_grad()

@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 
 import pytest
@@ -11,7 +12,7 @@ from unlearning import data as data_module
 
 @pytest.fixture(scope="module")
 def data(cifar_dir):
-    return common.load_cifar10(cifar_dir, "cpu")
+    return common.load_data(cifar_dir, "cpu")
 
 
 def test_load_reads_standard_layout(data):
@@ -23,8 +24,8 @@ def test_load_reads_standard_layout(data):
 
 def test_smoke_preset_keeps_first_images_of_each_class(tmp_path):
     write_synthetic_cifar(tmp_path, train_per_class=40, test_per_class=15)
-    full = common.load_cifar10(tmp_path, "cpu")
-    smoke = common.load_cifar10(tmp_path, "cpu", preset="smoke")
+    full = common.load_data(tmp_path, "cpu")
+    smoke = common.load_data(tmp_path, "cpu", preset="smoke")
     assert torch.bincount(smoke.train_labels).tolist() == [common.SMOKE["train_per_class"]] * 10
     assert torch.bincount(smoke.test_labels).tolist() == [common.SMOKE["test_per_class"]] * 10
     first_cat = torch.nonzero(full.train_labels == 3).flatten()[0]
@@ -37,7 +38,7 @@ def test_missing_data_is_a_user_error(tmp_path, monkeypatch):
         raise OSError("no network")
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     with pytest.raises(common.UserError, match="CIFAR-10 not found"):
-        common.load_cifar10(tmp_path, "cpu")
+        common.load_data(tmp_path, "cpu")
 
 
 def assert_partition(splits, n_train):
@@ -95,7 +96,8 @@ def test_batches_cover_each_index_once_per_epoch(data):
 
 def test_normalize_uses_cifar_statistics():
     grey = torch.full((1, 3, 2, 2), 128, dtype=torch.uint8)
-    expected = (128 / 255 - torch.tensor(common.CIFAR_MEAN)) / torch.tensor(common.CIFAR_STD)
+    cifar10 = common.DATASETS["cifar10"]
+    expected = (128 / 255 - torch.tensor(cifar10.mean)) / torch.tensor(cifar10.std)
     assert torch.allclose(common.normalize(grey)[0, :, 0, 0], expected)
 
 
@@ -117,8 +119,9 @@ def test_data_label_names_the_official_release_a_provenance_file_or_different_fi
     (folder / "PROVENANCE").write_text("two\nlines\n")  # not a one-line provenance: not trusted as a name
     assert common.data_label(root) == common.DIFFERENT_DATA_LABEL
     # the official release is recognised by its checksums, whatever a PROVENANCE file says
-    checksums = {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in common.OFFICIAL_FILES}
-    monkeypatch.setattr(data_module, "OFFICIAL_FILES", checksums)
+    cifar10 = common.DATASETS["cifar10"]
+    checksums = {path: hashlib.md5((root / path).read_bytes()).hexdigest() for path in cifar10.checksums}
+    monkeypatch.setitem(common.DATASETS, "cifar10", dataclasses.replace(cifar10, checksums=checksums))
     (folder / "PROVENANCE").write_text("something else\n")
     assert common.data_label(root) == "CIFAR-10"
     with open(folder / "data_batch_3", "ab") as batch:
@@ -127,19 +130,23 @@ def test_data_label_names_the_official_release_a_provenance_file_or_different_fi
 
 
 def test_the_official_checksums_are_torchvisions():
-    assert sorted(common.OFFICIAL_FILES) == sorted([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"])
-    assert common.OFFICIAL_FILES["test_batch"] == dict(torchvision.datasets.CIFAR10.test_list)["test_batch"]
+    checksums = common.DATASETS["cifar10"].checksums
+    assert sorted(checksums) == sorted(f"cifar-10-batches-py/{name}"
+                                       for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"])
+    assert checksums["cifar-10-batches-py/test_batch"] == dict(torchvision.datasets.CIFAR10.test_list)["test_batch"]
+    assert common.DATASETS["cifar100"].checksums["cifar-100-python/meta"] == torchvision.datasets.CIFAR100.meta["md5"]
+    assert common.DATASETS["svhn"].checksums["test_32x32.mat"] == torchvision.datasets.SVHN.split_list["test"][2]
 
 
 def test_shared_data_reads_each_folder_preset_and_device_once(cifar_dir, monkeypatch):
     reads = []
-    real_read = data_module._read_cifar10
-    monkeypatch.setattr(data_module, "_read_cifar10", lambda *args: reads.append(args) or real_read(*args))
+    real_read = data_module._read_data
+    monkeypatch.setattr(data_module, "_read_data", lambda *args: reads.append(args) or real_read(*args))
     with common.shared_data():
-        first = common.load_cifar10(cifar_dir, "cpu", "smoke")
+        first = common.load_data(cifar_dir, "cpu", "smoke")
         same_folder = f"{cifar_dir}/../{cifar_dir.name}/"
-        assert common.load_cifar10(same_folder, torch.device("cpu"), "smoke") is first
-        assert common.load_cifar10(cifar_dir, "cpu", "full") is not first
+        assert common.load_data(same_folder, torch.device("cpu"), "smoke") is first
+        assert common.load_data(cifar_dir, "cpu", "full") is not first
     assert len(reads) == 2
-    assert common.load_cifar10(cifar_dir, "cpu", "smoke") is not first  # outside the block: read again
+    assert common.load_data(cifar_dir, "cpu", "smoke") is not first  # outside the block: read again
     assert len(reads) == 3

@@ -53,7 +53,7 @@ def test_the_switch_turns_on_the_gpu_branches_on_a_cpu(monkeypatch):
 def tiny_data(n=40):
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    return common.CIFAR10(images, torch.arange(n) % 10, images[:10], torch.arange(10))
+    return common.Data(images, torch.arange(n) % 10, images[:10], torch.arange(10))
 
 
 def pruned_lora(model):

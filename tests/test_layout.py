@@ -27,7 +27,7 @@ def imported_names(path):
 def test_common_is_a_file_at_the_top_and_hands_on_the_package_names():
     assert (ROOT / "common.py").is_file() and not (ROOT / "common").exists()
     assert Path(common.__file__).resolve() == ROOT / "common.py"
-    assert common.prune.__module__ == "unlearning.pruning" and common.load_cifar10.__module__ == "unlearning.data"
+    assert common.prune.__module__ == "unlearning.pruning" and common.load_data.__module__ == "unlearning.data"
 
 
 def test_the_package_imports_neither_common_nor_a_script_and_has_no_cycles():

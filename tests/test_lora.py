@@ -18,7 +18,7 @@ def settings_for(arch, model, **flags):
 
 
 def tiny_batches(cifar_dir, n=64):
-    data = common.load_cifar10(cifar_dir, "cpu")
+    data = common.load_data(cifar_dir, "cpu")
     return common.Batches(data.train_images, data.train_labels, torch.arange(n), batch_size=16), data
 
 
@@ -202,7 +202,7 @@ def test_lora_on_a_masked_model_bakes_the_frozen_masks_and_keeps_the_trained_one
     model = common.prune(common.build_model("resnet50", "smoke"), 0.5)
     masks = {name: module.weight_mask.clone() for name, module in model.named_modules()
              if isinstance(module, nn.Conv2d)}
-    inputs = common.normalize(common.load_cifar10(cifar_dir, "cpu").test_images[:8])
+    inputs = common.normalize(common.load_data(cifar_dir, "cpu").test_images[:8])
     with torch.no_grad():
         expected = model.eval()(inputs)
     adapted = common.add_lora(model, settings_for("resnet50", model), torch.zeros(2, 3, 32, 32))

@@ -9,6 +9,8 @@ from torch import nn
 import common
 from unlearning import training
 
+CLASSES = common.DATASETS["cifar10"].num_classes
+
 
 class ConstantModel(nn.Module):
     """Answers the same class for every image."""
@@ -19,7 +21,7 @@ class ConstantModel(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(1))
 
     def forward(self, x):
-        logits = torch.zeros(len(x), common.NUM_CLASSES) + self.dummy
+        logits = torch.zeros(len(x), CLASSES) + self.dummy
         logits[:, self.answer] = 10.0
         return logits
 
@@ -38,7 +40,7 @@ class MeanColourModel(nn.Module):
 
 @pytest.fixture(scope="module")
 def data(cifar_dir):
-    return common.load_cifar10(cifar_dir, "cpu")
+    return common.load_data(cifar_dir, "cpu")
 
 
 def splits_for(data, *classes):
@@ -92,7 +94,7 @@ def test_predict_runs_in_fp32_even_where_training_uses_bf16_autocast(data, monke
     class MeanColourLinear(nn.Module):
         def __init__(self):
             super().__init__()
-            self.linear = nn.Linear(3, common.NUM_CLASSES)
+            self.linear = nn.Linear(3, CLASSES)
 
         def forward(self, x):
             logits = self.linear(x.mean((2, 3)))

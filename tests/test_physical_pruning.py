@@ -6,6 +6,8 @@ from conftest import ROOT, run_script
 
 import common
 
+CLASSES = common.DATASETS["cifar10"].num_classes
+
 
 def test_resnet_convs_shrink_by_the_amount_but_classes_stay():
     model = common.build_model("resnet50", "smoke")
@@ -17,7 +19,7 @@ def test_resnet_convs_shrink_by_the_amount_but_classes_stay():
     assert block.conv1.out_channels == block.conv2.in_channels == before["inner"] // 2
     assert block.conv3.out_channels == block.downsample[0].out_channels == before["out"] // 2
     assert block.bn3.num_features == block.conv3.out_channels
-    assert model.fc.in_features == before["fc_in"] // 2 and model.fc.out_features == common.NUM_CLASSES
+    assert model.fc.in_features == before["fc_in"] // 2 and model.fc.out_features == CLASSES
     assert not common.pruned_layers(model)
 
 
@@ -28,7 +30,7 @@ def test_vit_prunes_only_mlp_hidden_units():
     for block in model.blocks:
         assert block.mlp.fc1.out_features == block.mlp.fc2.in_features == hidden // 2
         assert block.mlp.fc2.out_features == embed_dim and block.attn.qkv.weight.shape == (3 * embed_dim, embed_dim)
-    assert model.head.weight.shape == (common.NUM_CLASSES, embed_dim)
+    assert model.head.weight.shape == (CLASSES, embed_dim)
 
 
 def test_pruned_model_gives_finite_outputs_and_costs_less():
@@ -37,8 +39,8 @@ def test_pruned_model_gives_finite_outputs_and_costs_less():
         full = common.model_cost(model)
         common.prune(model, 0.5, "physical")
         with torch.no_grad():
-            logits = model(torch.randn(3, 3, common.IMAGE_SIZE, common.IMAGE_SIZE))
-        assert logits.shape == (3, common.NUM_CLASSES) and torch.isfinite(logits).all()
+            logits = model(torch.randn(3, 3, 32, 32))
+        assert logits.shape == (3, CLASSES) and torch.isfinite(logits).all()
         pruned = common.model_cost(model)
         assert pruned["params"] < full["params"] and pruned["macs"] < full["macs"]
 
@@ -48,7 +50,7 @@ def test_checkpoint_round_trips(tmp_path):
     path = tmp_path / "pruned.pth"
     common.save_checkpoint(path, model, {"arch": "resnet50", "preset": "smoke", "prune_mode": "physical"})
     loaded, meta = common.load_checkpoint(path)
-    x = torch.randn(2, 3, common.IMAGE_SIZE, common.IMAGE_SIZE)
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), model(x))
     assert loaded.layer2[0].conv2.weight.shape == model.layer2[0].conv2.weight.shape

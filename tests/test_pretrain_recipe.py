@@ -9,6 +9,8 @@ from timm.loss import SoftTargetCrossEntropy
 import common
 from unlearning import training
 
+CLASSES = common.DATASETS["cifar10"].num_classes
+
 BATCH = 10  # distinct labels 0..9, so each sample's partner (the reversed batch) has another label
 
 
@@ -38,7 +40,7 @@ def test_mixed_batches_keep_their_shape_and_targets_sum_to_one(options):
     for size in (BATCH, BATCH - 1) * 10:  # an odd batch too (an epoch's last one may be)
         images, targets = common.mix_batch(inputs[:size], labels[:size], g, **options)
         assert images.shape == inputs[:size].shape and images.dtype == inputs.dtype
-        assert targets.shape == (size, common.NUM_CLASSES) and (targets >= 0).all()
+        assert targets.shape == (size, CLASSES) and (targets >= 0).all()
         assert torch.allclose(targets.sum(1), torch.ones(size))
 
 
@@ -47,10 +49,10 @@ def test_alpha_zero_is_no_mixing_and_draws_nothing():
     g = generator(0)
     state = g.get_state()
     images, targets = common.mix_batch(inputs, labels, g)
-    assert images is inputs and torch.equal(targets, F.one_hot(labels, common.NUM_CLASSES).float())
+    assert images is inputs and torch.equal(targets, F.one_hot(labels, CLASSES).float())
     assert torch.equal(g.get_state(), state)
     for images, targets in mixed(draws=5, mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=0.0):
-        assert torch.equal(images, inputs) and torch.equal(targets, F.one_hot(labels, common.NUM_CLASSES).float())
+        assert torch.equal(images, inputs) and torch.equal(targets, F.one_hot(labels, CLASSES).float())
 
 
 def test_same_seed_same_batches_other_seed_other_batches():
@@ -99,19 +101,19 @@ def test_switch_prob_picks_cutmix_or_mixup():
 
 def test_soft_target_loss_is_timms_mixup_with_label_smoothing():
     inputs, labels = constant_batch()
-    logits = torch.randn(BATCH, common.NUM_CLASSES, generator=generator(3))
+    logits = torch.randn(BATCH, CLASSES, generator=generator(3))
     for _, targets in mixed(draws=3, mixup_alpha=0.8):
         lam = targets[0, 0].item()
         ours = F.cross_entropy(logits, targets, label_smoothing=0.1)
-        timms = SoftTargetCrossEntropy()(logits, mixup_target(labels, common.NUM_CLASSES, lam, 0.1))
+        timms = SoftTargetCrossEntropy()(logits, mixup_target(labels, CLASSES, lam, 0.1))
         assert ours.item() == pytest.approx(timms.item(), rel=1e-6)
 
 
 def tiny_data():
     g = generator(0)
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=g)
-    labels = torch.arange(40) % common.NUM_CLASSES
-    return common.CIFAR10(images, labels, images[:10], labels[:10])
+    labels = torch.arange(40) % CLASSES
+    return common.Data(images, labels, images[:10], labels[:10])
 
 
 def train_tiny(recipe_changes):

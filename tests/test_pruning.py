@@ -78,7 +78,7 @@ def zero_rows_mask(weight):
 
 
 def test_pruned_resnet_channels_are_exactly_zero_after_batchnorm(cifar_dir):
-    data = common.load_cifar10(cifar_dir, "cpu")
+    data = common.load_data(cifar_dir, "cpu")
     inputs = common.normalize(data.test_images[:8])
     unpruned = live_batchnorms(common.build_model("resnet50", "smoke"))
     masks_only = copy.deepcopy(unpruned)
@@ -96,7 +96,7 @@ def test_pruned_resnet_channels_are_exactly_zero_after_batchnorm(cifar_dir):
 
 
 def test_pruned_weights_stay_zero_while_training(cifar_dir):
-    data = common.load_cifar10(cifar_dir, "cpu")
+    data = common.load_data(cifar_dir, "cpu")
     model = common.prune(common.build_model("vit", "smoke"), 0.5)
     masks = [layer.weight_mask.clone() for layer in common.prune_targets(model)]
     batches = common.Batches(data.train_images, data.train_labels, torch.arange(64), batch_size=16)
@@ -125,5 +125,5 @@ def test_saved_pruned_model_keeps_zero_channels(method, original_weights, cifar_
     for conv, norm in common.batchnorm_after(model, [m for m in model.modules() if isinstance(m, nn.Conv2d)]).items():
         pruned = zero_rows_mask(conv.weight)
         assert torch.all(norm.weight[pruned] == 0) and torch.all(norm.bias[pruned] == 0)
-    data = common.load_cifar10(cifar_dir, "cpu", "smoke")
+    data = common.load_data(cifar_dir, "cpu", "smoke")
     assert max(pruned_channel_outputs(model, common.normalize(data.test_images[:8]))) == 0

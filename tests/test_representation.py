@@ -9,6 +9,8 @@ from torch import nn
 import common
 from unlearning import representation
 
+CLASSES = common.DATASETS["cifar10"].num_classes
+
 FORGET = common.ForgetSpec((3,))
 
 
@@ -18,7 +20,7 @@ class ColourNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(nn.Linear(3, 32), nn.ReLU())
-        self.fc = nn.Linear(32, common.NUM_CLASSES)
+        self.fc = nn.Linear(32, CLASSES)
 
     def colours(self, x):
         return x.mean((2, 3))
@@ -39,7 +41,7 @@ class ConfusedNet(ColourNet):
     def colours(self, x):
         colours = x.mean((2, 3))
         is_forgotten = torch.cdist(colours, self.centres).argmin(1) == FORGET.classes[0]
-        others = torch.tensor([c for c in range(common.NUM_CLASSES) if c not in FORGET.classes])
+        others = torch.tensor([c for c in range(CLASSES) if c not in FORGET.classes])
         stand_in = others[(x[:, 0, 0, 0] * 1000).long() % len(others)]
         return torch.where(is_forgotten[:, None], self.centres[stand_in], colours)
 
@@ -47,7 +49,7 @@ class ConfusedNet(ColourNet):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = write_synthetic_cifar(tmp_path_factory.mktemp("cifar50"), train_per_class=50, test_per_class=50)
-    return common.load_cifar10(root, "cpu")
+    return common.load_data(root, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def models(data):
     with torch.no_grad():
         head_only.fc.weight[3] = 0
         head_only.fc.bias[3] = 0
-    centres = torch.stack([original.colours(inputs)[labels == c].mean(0) for c in range(common.NUM_CLASSES)])
+    centres = torch.stack([original.colours(inputs)[labels == c].mean(0) for c in range(CLASSES)])
     return {"original": original, "head_only": head_only, "confused": ConfusedNet(original, centres)}
 
 

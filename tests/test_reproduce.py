@@ -276,8 +276,8 @@ def test_overlapped_evaluation_gives_the_same_records_and_every_record_says_wher
     """The MIA's and probe's fits in a worker thread give the same metrics as in line; each record's time parts add
     up to its seconds; the data is read from disk once for the whole sweep."""
     reads = []
-    real_read = data._read_cifar10
-    monkeypatch.setattr(data, "_read_cifar10", lambda *args: reads.append(args) or real_read(*args))
+    real_read = data._read_data
+    monkeypatch.setattr(data, "_read_data", lambda *args: reads.append(args) or real_read(*args))
 
     def records():
         found = {}

@@ -123,7 +123,7 @@ def test_pretrain_records_its_accuracy_curve_without_changing_the_training(cifar
     assert [point["epoch"] for point in curve] == [2, 3] and checkpoint["meta"]["eval_every"] == 2
     assert 0 < curve[0]["seconds"] < curve[1]["seconds"] and all(p["images_per_s"] > 0 for p in curve)
     model = common.load_checkpoint(workdir / "curve.pth")[0]
-    data = common.load_cifar10(cifar_dir, "cpu", "smoke")
+    data = common.load_data(cifar_dir, "cpu", "smoke")
     every_test_image = torch.arange(len(data.test_labels))
     final = common.accuracy(common.predict(model, data.test_images, every_test_image), data.test_labels)
     assert curve[-1]["test_accuracy"] == pytest.approx(final, abs=1e-3)

@@ -151,7 +151,7 @@ def test_code_version_outside_a_git_checkout_hashes_the_files(monkeypatch, tmp_p
 
 
 def test_data_and_model_hashes_follow_the_content(tmp_path):
-    data = common.CIFAR10(*(torch.zeros(4, 3, 2, 2, dtype=torch.uint8),
+    data = common.Data(*(torch.zeros(4, 3, 2, 2, dtype=torch.uint8),
                             torch.arange(4), torch.zeros(2, 3, 2, 2, dtype=torch.uint8),
                             torch.arange(2)))
     before = records.data_sha256(data)
@@ -185,7 +185,7 @@ def bench_record(path, device="cpu", preset="smoke", rows=None):
 def estimate_plan(preset="smoke", train_images=300, test_images=100):
     """A Sweep on cpu whose data has train_images and test_images (only their counts matter to estimates)."""
     args = SimpleNamespace(preset=preset, data="data", device="cpu", data_label="CIFAR-10", force=False)
-    data = common.CIFAR10(torch.zeros(train_images, 3, 32, 32, dtype=torch.uint8),
+    data = common.Data(torch.zeros(train_images, 3, 32, 32, dtype=torch.uint8),
                           torch.zeros(train_images, dtype=torch.long),
                           torch.zeros(test_images, 3, 32, 32, dtype=torch.uint8),
                           torch.zeros(test_images, dtype=torch.long))

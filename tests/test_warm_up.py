@@ -22,7 +22,7 @@ def has_adapters(model):
 
 
 def test_warm_up_leaves_model_and_random_state_bit_identical(cifar_dir):
-    data = common.load_cifar10(cifar_dir, "cpu")
+    data = common.load_data(cifar_dir, "cpu")
     model = lora_resnet().eval()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     forward_calls = []

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import torch
 
+from .datasets import DATASET_NAMES, DEFAULT_DATASET
 from .files import check_writable
 from .settings import (
     ARCHS,
     BATCHNORM_MODES,
     DEFAULT_FORGET_CLASS,
-    NUM_CLASSES,
     PRESETS,
     PRUNE_AMOUNT,
     PRUNE_MODES,
@@ -73,8 +73,9 @@ def make_parser(doc):
 
 
 def add_forget_arguments(parser):
-    parser.add_argument("--forget-class", type=int, nargs="+", choices=range(NUM_CLASSES), metavar="C",
-                        help=f"forget every training image of these classes, 0-9 (default: {DEFAULT_FORGET_CLASS})")
+    parser.add_argument("--forget-class", type=int, nargs="+", metavar="C",
+                        help=f"forget every training image of these classes, 0 to the dataset's class count - 1 "
+                             f"(default: {DEFAULT_FORGET_CLASS})")
     parser.add_argument("--forget-random", type=open_unit_interval, metavar="FRACTION",
                         help="forget a seeded random FRACTION of the training images instead")
     parser.add_argument("--forget-seed", type=seed_int, default=0, help="seed of the random forget subset (default: 0)")
@@ -99,7 +100,7 @@ def add_device_argument(parser):
 def add_common_arguments(parser):
     """Flags shared by every training script."""
     parser.add_argument("--arch", default="resnet50", choices=ARCHS, help="model (default: resnet50)")
-    parser.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (default: data)")
+    add_dataset_arguments(parser)
     add_forget_arguments(parser)
     parser.add_argument("--epochs", type=positive_int, help="training epochs (default: the recipe's)")
     parser.add_argument("--batch-size", type=positive_int, help="batch size (default: the recipe's)")
@@ -112,6 +113,15 @@ def add_common_arguments(parser):
                                       "with every non-default setting in the name)")
     parser.add_argument("--preset", default="full", choices=PRESETS,
                         help="full: the paper's settings; smoke: a tiny CPU configuration for checks (default: full)")
+
+
+def add_dataset_arguments(parser, dataset=True):
+    """--data (the folder) and, unless the dataset comes from elsewhere (a checkpoint's meta), --dataset."""
+    parser.add_argument("--data", default="data", help="folder holding each dataset in its standard layout, e.g. "
+                                                       "cifar-10-batches-py (default: data; see docs/data.md)")
+    if dataset:
+        parser.add_argument("--dataset", default=DEFAULT_DATASET, choices=DATASET_NAMES,
+                            help=f"dataset to train and evaluate on (default: {DEFAULT_DATASET})")
 
 
 def add_seed_argument(parser, what):

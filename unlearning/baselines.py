@@ -6,7 +6,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from .settings import NUM_CLASSES
+from .datasets import DATASETS
 from .training import cross_entropy, make_sgd
 
 L1_ALPHA = 1e-4  # l1sparse.py's --l1-alpha
@@ -19,10 +19,10 @@ def negated_cross_entropy(model, inputs, labels):
     return -cross_entropy(model, inputs, labels)
 
 
-def random_other_labels(labels, generator=None):
-    """A uniformly random label for each sample, never its true one."""
-    shift = torch.randint(1, NUM_CLASSES, labels.shape, device=labels.device, generator=generator)
-    return (labels + shift) % NUM_CLASSES
+def random_other_labels(labels, generator=None, num_classes=10):
+    """A uniformly random label of num_classes for each sample, never its true one."""
+    shift = torch.randint(1, num_classes, labels.shape, device=labels.device, generator=generator)
+    return (labels + shift) % num_classes
 
 
 class RandomLabelBatches:
@@ -38,7 +38,7 @@ class RandomLabelBatches:
 
     def __iter__(self):
         for inputs, labels in self.forget:
-            yield inputs, random_other_labels(labels, self.generator)
+            yield inputs, random_other_labels(labels, self.generator, DATASETS[self.forget.dataset].num_classes)
         yield from self.retain
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from .datasets import DATASETS, DEFAULT_DATASET
 from .errors import UserError
 from .files import write_bytes
 from .forget import ForgetSpec
@@ -48,8 +49,9 @@ def save_checkpoint(path, model, meta):
     write_bytes(path, buffer.getbuffer())
 
 
-def load_checkpoint(path, device="cpu", arch=None):
-    """(model, meta) from a checkpoint written by save_checkpoint; arch, if given, must match.
+def load_checkpoint(path, device="cpu", arch=None, dataset=None):
+    """(model, meta) from a checkpoint written by save_checkpoint; arch and dataset, if given, must match (meta
+    without a dataset is CIFAR-10's, as every checkpoint before the dataset table).
 
     Every way the file can be wrong (unreadable, not a checkpoint, malformed meta, weights that do not fit the
     arch its meta names) is a one-line UserError naming the file."""
@@ -59,16 +61,21 @@ def load_checkpoint(path, device="cpu", arch=None):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         state, meta = checkpoint["model"], checkpoint["meta"]
-        meta_arch, preset = meta["arch"], meta.get("preset", "full")
+        meta_arch, preset, meta_dataset = meta["arch"], meta.get("preset", "full"), checkpoint_dataset(meta)
         if meta.get("forget"):
             ForgetSpec.from_dict(meta["forget"])
     except Exception as error:
         raise UserError(f"{path} is not a checkpoint of this project ({type(error).__name__})") from None
-    if meta_arch not in ARCHS or preset not in PRESETS:
-        raise UserError(f"{path} names an unknown arch or preset ({meta_arch!r}, {preset!r})")
+    if meta_arch not in ARCHS or preset not in PRESETS or meta_dataset not in DATASETS:
+        raise UserError(f"{path} names an unknown arch, preset or dataset ({meta_arch!r}, {preset!r}, "
+                        f"{meta_dataset!r})")
     if arch is not None and meta_arch != arch:
         raise UserError(f"{path} holds a {meta_arch} model, not {arch}: pass --arch {meta_arch} or other weights")
-    model = build_model(meta_arch, preset)
+    if dataset is not None and meta_dataset != dataset:
+        raise UserError(f"{path} was trained on {meta_dataset} ({DATASETS[meta_dataset].num_classes} classes), "
+                        f"not {dataset} ({DATASETS[dataset].num_classes}): pass --dataset {meta_dataset} or other "
+                        f"weights")
+    model = model_for(meta)
     try:
         if meta.get("prune_mode") == "physical":
             resize_to_state(model, state)
@@ -76,8 +83,19 @@ def load_checkpoint(path, device="cpu", arch=None):
     except Exception:
         raise UserError(f"{path} is not a checkpoint of arch {meta_arch} ({preset} preset"
                         f"{', physically pruned' if meta.get('prune_mode') == 'physical' else ''}): "
-                        f"{state_mismatch(build_model(meta_arch, preset), state)}") from None
+                        f"{state_mismatch(model_for(meta), state)}") from None
     return model.to(device), meta
+
+
+def checkpoint_dataset(meta):
+    """The dataset a checkpoint's meta names (CIFAR-10 for meta written before datasets were named)."""
+    return meta.get("dataset", DEFAULT_DATASET)
+
+
+def model_for(meta):
+    """A fresh model of the arch, preset and dataset (class count, image size) a checkpoint's meta names."""
+    dataset = DATASETS[checkpoint_dataset(meta)]
+    return build_model(meta["arch"], meta.get("preset", "full"), dataset.num_classes, dataset.image_size)
 
 
 def state_mismatch(model, state):
@@ -94,11 +112,11 @@ def state_mismatch(model, state):
     return f"{', '.join(parts) or 'incompatible'} tensors (e.g. {example})"
 
 
-def weights_path(arch, method, preset="full", spec=None, seed=None, settings=None):
-    """model_weights/{arch}_{method}.pth, with the preset, a non-default forget setting, the non-default
-    model-changing settings ({flag: text}, see name_settings) and a seed marked, e.g.
-    model_weights/resnet50-smoke_class3-5_loraprune_lora-rank=4_prune-mode=physical_s1.pth."""
-    name = arch + ("-smoke" if preset == "smoke" else "")
+def weights_path(arch, method, preset="full", spec=None, seed=None, settings=None, dataset=DEFAULT_DATASET):
+    """model_weights/{arch}_{method}.pth, with the preset, a dataset other than CIFAR-10, a non-default forget
+    setting, the non-default model-changing settings ({flag: text}, see name_settings) and a seed marked, e.g.
+    model_weights/resnet50-smoke_cifar100_class3-5_loraprune_lora-rank=4_prune-mode=physical_s1.pth."""
+    name = arch + ("-smoke" if preset == "smoke" else "") + ("" if dataset == DEFAULT_DATASET else f"_{dataset}")
     if spec is not None and spec != ForgetSpec():
         name += f"_{spec.tag}"
     name += f"_{method}"
@@ -109,9 +127,10 @@ def weights_path(arch, method, preset="full", spec=None, seed=None, settings=Non
     return WEIGHTS_DIR / f"{name}.pth"
 
 
-# Flags that are part of the name already (arch, preset, forget setting, seed) or do not change what is learnt.
-NAMED_OR_NEUTRAL_FLAGS = {"help", "arch", "preset", "seed", "forget_class", "forget_random", "forget_seed", "data",
-                          "device", "deterministic", "out", "weights", "eval_every", "compile"}
+# Flags that are part of the name already (arch, preset, dataset, forget setting, seed) or do not change what is
+# learnt.
+NAMED_OR_NEUTRAL_FLAGS = {"help", "arch", "preset", "dataset", "seed", "forget_class", "forget_random", "forget_seed",
+                          "data", "device", "deterministic", "out", "weights", "eval_every", "compile"}
 
 
 def setting_text(value):
@@ -141,6 +160,7 @@ def name_settings(parser, args, recipe):
         flag = action.option_strings[-1].lstrip("-")
         settings[flag] = None if value is True else setting_text(value)
     weights = getattr(args, "weights", None)
-    if weights and Path(weights).stem != weights_path(args.arch, "original", args.preset).stem:
+    original = weights_path(args.arch, "original", args.preset, dataset=getattr(args, "dataset", DEFAULT_DATASET))
+    if weights and Path(weights).stem != original.stem:
         settings["from"] = setting_text(Path(weights).stem)
     return settings

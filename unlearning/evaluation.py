@@ -1,34 +1,38 @@
 """Evaluating one checkpoint into a dict of metrics, and markdown tables of such rows."""
-from .checkpoints import load_checkpoint
-from .data import load_cifar10
-from .forget import ForgetSpec, make_splits
+from .checkpoints import checkpoint_dataset, load_checkpoint
+from .data import load_data
+from .forget import ForgetSpec, check_classes, make_splits
 from .metrics import evaluate_model, run_now
 
 
 def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cache=None, extra_metrics=None,
-                        submit=run_now):
-    """Metrics of one checkpoint as a dict with keys path, arch, method, UA, RA, TA, MIA_efficacy, RTE_s,
-    peak_gpu_mem_mb (and forget, seed, preset). The forget setting is the checkpoint's unless spec is given;
+                        submit=run_now, dataset=None):
+    """Metrics of one checkpoint as a dict with keys path, arch, dataset, method, UA, RA, TA, MIA_efficacy, RTE_s,
+    peak_gpu_mem_mb (and forget, forget_names, seed, preset). The data is the dataset the checkpoint's meta names
+    (which must be dataset, if given); data_cache maps (data_root, preset, dataset) to loaded data.
+    The forget setting is the checkpoint's unless spec is given;
     a checkpoint without one (the original model) is scored on the default (class 3). The MIA draws its
     samples with the seed recorded in the checkpoint unless seed is given.
     extra_metrics(model, meta, data, splits, spec, seed) -> dict adds further metrics (unlearning.representation's).
     The MIA's SVC goes through submit (see evaluate_model)."""
-    model, meta = load_checkpoint(path, device)
+    model, meta = load_checkpoint(path, device, dataset=dataset)
     if seed is None:
         seed = meta.get("seed") or 0
     spec = spec or (ForgetSpec.from_dict(meta["forget"]) if meta.get("forget") else ForgetSpec())
-    preset = meta.get("preset", "full")
+    preset, dataset = meta.get("preset", "full"), checkpoint_dataset(meta)
+    check_classes(spec, dataset)
     cache = {} if data_cache is None else data_cache
-    if (data_root, preset) not in cache:
-        cache[(data_root, preset)] = load_cifar10(data_root, device, preset)
-    data = cache[(data_root, preset)]
+    if (data_root, preset, dataset) not in cache:
+        cache[(data_root, preset, dataset)] = load_data(data_root, device, preset, dataset)
+    data = cache[(data_root, preset, dataset)]
     splits = make_splits(data.train_labels, data.test_labels, spec)
     metrics = evaluate_model(model, data, splits, seed, submit)
     if extra_metrics is not None:
         metrics.update(extra_metrics(model, meta, data, splits, spec, seed))
-    return {"path": str(path), "arch": meta["arch"], "method": meta.get("method"), **metrics,
+    return {"path": str(path), "arch": meta["arch"], "dataset": dataset, "method": meta.get("method"), **metrics,
             "RTE_s": meta.get("rte_s"), "peak_gpu_mem_mb": meta.get("peak_gpu_mem_mb"),
-            "forget": spec.tag, "seed": meta.get("seed"), "preset": preset}
+            "forget": spec.tag, "forget_names": [data.class_names[c] for c in spec.classes], "seed": meta.get("seed"),
+            "preset": preset}
 
 
 def format_cell(value, digits=2):
@@ -46,6 +50,6 @@ def markdown_table(rows, columns):
     return "\n".join(lines)
 
 
-EVALUATE_COLUMNS = {"method": "method", "arch": "arch", "forget": "forget", "UA": "UA %", "RA": "RA %", "TA": "TA %",
-                    "MIA_efficacy": "MIA-efficacy %", "RTE_s": "RTE s", "peak_gpu_mem_mb": "peak GPU MB",
-                    "path": "checkpoint"}
+EVALUATE_COLUMNS = {"method": "method", "arch": "arch", "dataset": "dataset", "forget": "forget", "UA": "UA %",
+                    "RA": "RA %", "TA": "TA %", "MIA_efficacy": "MIA-efficacy %", "RTE_s": "RTE s",
+                    "peak_gpu_mem_mb": "peak GPU MB", "path": "checkpoint"}

@@ -4,8 +4,9 @@ from decimal import Decimal
 
 import torch
 
+from .datasets import DATASETS
 from .errors import UserError
-from .settings import DEFAULT_FORGET_CLASS, NUM_CLASSES
+from .settings import DEFAULT_FORGET_CLASS
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ def make_splits(train_labels, test_labels, spec):
 
 
 def forget_spec_from_args(args):
-    """ForgetSpec from --forget-class / --forget-random / --forget-seed (None when none was given)."""
+    """ForgetSpec from --forget-class / --forget-random / --forget-seed (None when none was given); the classes
+    must be --dataset's (a script without --dataset, evaluate.py, checks them against each checkpoint's)."""
     if args.forget_random is not None:
         if args.forget_class is not None:
             raise UserError("give either --forget-class or --forget-random, not both")
@@ -69,9 +71,20 @@ def forget_spec_from_args(args):
         return ForgetSpec((), args.forget_random, args.forget_seed)
     if args.forget_class is None:
         return None
-    if len(set(args.forget_class)) == NUM_CLASSES:
+    spec = ForgetSpec(tuple(sorted(set(args.forget_class))))  # the forget seed only draws random subsets
+    if getattr(args, "dataset", None) is not None:
+        check_classes(spec, args.dataset)
+    return spec
+
+
+def check_classes(spec, dataset):
+    """Refuse forget classes outside the dataset's range, or all of its classes."""
+    info = DATASETS[dataset]
+    outside = [c for c in spec.classes if not 0 <= c < info.num_classes]
+    if outside:
+        raise UserError(f"--forget-class {outside[0]} is out of range: {dataset} has classes 0..{info.num_classes - 1}")
+    if len(spec.classes) == info.num_classes:
         raise UserError("cannot forget every class: nothing would be left to retain")
-    return ForgetSpec(tuple(sorted(set(args.forget_class))))  # the forget seed only draws random subsets
 
 
 def check_splits(splits, spec, data_root):

@@ -6,6 +6,7 @@ import torch
 from tqdm import tqdm
 
 from .data import normalize
+from .datasets import DEFAULT_DATASET
 from .metrics import accuracy, predict
 from .training import autocast, cross_entropy
 
@@ -20,8 +21,9 @@ class AccuracyCurve:
     and the throughput since the previous point, one printed line each. Evaluation (no_grad, the test images idx)
     is not training time: `eval_seconds` says how much of the run it took. Called as after_epoch(epoch)."""
 
-    def __init__(self, model, images, labels, idx, every, epochs, images_per_epoch, desc="train"):
-        self.model, self.images, self.labels, self.idx = model, images, labels, idx
+    def __init__(self, model, images, labels, idx, every, epochs, images_per_epoch, desc="train",
+                 dataset=DEFAULT_DATASET):
+        self.model, self.images, self.labels, self.idx, self.dataset = model, images, labels, idx, dataset
         self.every, self.epochs, self.images_per_epoch, self.desc = every, epochs, images_per_epoch, desc
         self.device = next(model.parameters()).device
         self.points, self.eval_seconds = [], 0.0
@@ -44,7 +46,8 @@ class AccuracyCurve:
         paused = time.perf_counter()
         seconds = paused - self.start - self.eval_seconds
         modes = {module: module.training for module in self.model.modules()}
-        test_accuracy = accuracy(predict(self.model, self.images, self.idx), self.labels[self.idx])
+        probs = predict(self.model, self.images, self.idx, dataset=self.dataset)
+        test_accuracy = accuracy(probs, self.labels[self.idx])
         for module, training in modes.items():  # back to each module's own mode (frozen BatchNorm stays frozen)
             module.train(training)
         images_per_s = (epoch - self.last_epoch) * self.images_per_epoch / max(seconds - self.last_seconds, 1e-9)
@@ -82,7 +85,7 @@ def warm_up(model, inputs, labels):
 def warm_up_on(model, data, idx, batch_size):
     """warm_up on the first batch_size images of images[idx] (no shuffling, so no batch generator moves)."""
     first = idx[:batch_size]
-    warm_up(model, normalize(data.train_images[first]), data.train_labels[first])
+    warm_up(model, normalize(data.train_images[first], data.dataset), data.train_labels[first])
 
 
 class Measure:

@@ -5,12 +5,13 @@ import numpy as np
 import torch
 
 from .data import normalize
-from .settings import EVAL_BATCH_SIZE, MIA_MAX_SAMPLES, NUM_CLASSES
+from .datasets import DATASETS, DEFAULT_DATASET
+from .settings import EVAL_BATCH_SIZE, MIA_MAX_SAMPLES
 
 
 @torch.no_grad()
-def predict(model, images, idx, batch_size=EVAL_BATCH_SIZE):
-    """Softmax probabilities of model on images[idx], float32 [len(idx), classes].
+def predict(model, images, idx, batch_size=EVAL_BATCH_SIZE, dataset=DEFAULT_DATASET):
+    """Softmax probabilities of model on images[idx] of the dataset, float32 [len(idx), classes].
 
     Runs in fp32, without the training loop's bf16 autocast, as the methods' official evaluations do: every
     metric (arg-max, the MIA's confidences) comes from fp32 logits."""
@@ -18,9 +19,9 @@ def predict(model, images, idx, batch_size=EVAL_BATCH_SIZE):
     device = next(model.parameters()).device
     probs = []
     for start in range(0, len(idx), batch_size):
-        logits = model(normalize(images[idx[start:start + batch_size]]))
+        logits = model(normalize(images[idx[start:start + batch_size]], dataset))
         probs.append(logits.float().softmax(1))
-    return torch.cat(probs) if probs else torch.zeros(0, NUM_CLASSES, device=device)
+    return torch.cat(probs) if probs else torch.zeros(0, DATASETS[dataset].num_classes, device=device)
 
 
 def accuracy(probs, labels):
@@ -60,8 +61,8 @@ def evaluate_model(model, data, splits, seed=0, submit=run_now):
     """UA, RA, TA and MIA-efficacy (percent) of model on the splits; the forward passes run here, the MIA through
     submit (MIA_efficacy is then a Future, see resolved)."""
     all_train = torch.arange(len(data.train_labels), device=data.train_labels.device)
-    train_probs = predict(model, data.train_images, all_train)
-    test_probs = predict(model, data.test_images, splits.test_idx)
+    train_probs = predict(model, data.train_images, all_train, dataset=data.dataset)
+    test_probs = predict(model, data.test_images, splits.test_idx, dataset=data.dataset)
     train_conf = train_probs.gather(1, data.train_labels[:, None]).flatten()
     test_conf = test_probs.gather(1, data.test_labels[splits.test_idx][:, None]).flatten()
     forget, retain = splits.forget_idx, splits.retain_idx

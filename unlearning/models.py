@@ -1,11 +1,14 @@
-"""The two architectures for 32x32 inputs: ResNet-50 with a CIFAR stem and timm's ViT-S/4, plus slim smoke
-variants with the same module names."""
+"""The two architectures for small images (32x32, or 64x64 for Tiny ImageNet): ResNet-50 with a CIFAR stem and
+timm's ViT-S with 64 patch tokens (ViT-S/4 at 32x32, patch 8 at 64x64), plus slim smoke variants with the same
+module names."""
 import torch
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet, resnet50
 
 from .errors import UserError
-from .settings import ARCHS, IMAGE_SIZE, NUM_CLASSES, gpu_shaped
+from .settings import ARCHS, gpu_shaped
+
+VIT_TOKENS_PER_SIDE = 8  # 64 patch tokens at every image size
 
 
 def _cifar_stem(model):
@@ -22,23 +25,33 @@ class SlimResNet(ResNet):
         return super()._make_layer(block, planes // 8, blocks, stride, dilate)
 
 
-def build_model(arch, preset="full"):
-    """A fresh model by name. The smoke preset gives a slim variant with the same module names."""
+def build_model(arch, preset="full", num_classes=10, image_size=32):
+    """A fresh model by name for num_classes classes of image_size x image_size images (the dataset's); its
+    image_size attribute records the latter (see input_size). The smoke preset gives a slim variant with the same
+    module names."""
     if arch == "resnet50":
         if preset == "smoke":
-            model = SlimResNet(Bottleneck, [1, 1, 1, 1], num_classes=NUM_CLASSES)
-            model.fc = nn.Linear(model.inplanes, NUM_CLASSES)
+            model = SlimResNet(Bottleneck, [1, 1, 1, 1], num_classes=num_classes)
+            model.fc = nn.Linear(model.inplanes, num_classes)
         else:
-            model = resnet50(num_classes=NUM_CLASSES)
-        return _cifar_stem(model)
-    if arch == "vit":
+            model = resnet50(num_classes=num_classes)
+        model = _cifar_stem(model)
+    elif arch == "vit":
         from timm.models.vision_transformer import VisionTransformer  # imported here: seconds, and only ViT needs it
 
         size = {"embed_dim": 48, "depth": 2, "num_heads": 2} if preset == "smoke" else \
             {"embed_dim": 384, "depth": 12, "num_heads": 6}
-        return VisionTransformer(img_size=IMAGE_SIZE, patch_size=4, num_classes=NUM_CLASSES, global_pool="avg",
-                                 class_token=False, **size)
-    raise UserError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+        model = VisionTransformer(img_size=image_size, patch_size=image_size // VIT_TOKENS_PER_SIDE,
+                                  num_classes=num_classes, global_pool="avg", class_token=False, **size)
+    else:
+        raise UserError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+    model.image_size = image_size
+    return model
+
+
+def input_size(model):
+    """The side of the images model was built for (build_model's image_size; 32, CIFAR's, for other models)."""
+    return getattr(model, "image_size", 32)
 
 
 def to_device(model, device):

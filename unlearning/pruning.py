@@ -4,8 +4,8 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from .errors import UserError
-from .models import count_parameters, is_channels_last, keep_layout
-from .settings import IMAGE_SIZE, PRUNE_AMOUNT
+from .models import count_parameters, input_size, is_channels_last, keep_layout
+from .settings import PRUNE_AMOUNT
 
 
 def prune_targets(model):
@@ -55,7 +55,7 @@ def batchnorm_after(model, layers):
     hooks = [layer.register_forward_hook(remember_output) for layer in layers]
     hooks += [m.register_forward_pre_hook(match_input) for m in model.modules()
               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=next(model.parameters()).device)
+    example = torch.zeros(1, 3, input_size(model), input_size(model), device=next(model.parameters()).device)
     training = model.training
     try:
         with torch.no_grad():
@@ -82,7 +82,7 @@ def prune_physically(model, amount=PRUNE_AMOUNT):
     tp = import_torch_pruning()
     channels_last = is_channels_last(model)
     device = next(model.parameters()).device
-    example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
+    example = torch.zeros(1, 3, input_size(model), input_size(model), device=device)
     training = model.training
     model.eval()  # tracing runs a forward pass: keep BatchNorm statistics as they are
     pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
@@ -121,14 +121,14 @@ def import_torch_pruning():
 
 
 def model_cost(model):
-    """Parameter count and multiply-accumulates of model on one 32x32 image (torch-pruning's counter).
+    """Parameter count and multiply-accumulates of model on one image of its input size (torch-pruning's counter).
 
     Without torch-pruning installed the parameters are counted with torch and macs is None."""
     try:
         tp = import_torch_pruning()
     except UserError:
         return {"params": count_parameters(model), "macs": None}
-    example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=next(model.parameters()).device)
+    example = torch.zeros(1, 3, input_size(model), input_size(model), device=next(model.parameters()).device)
     macs, params = tp.utils.count_ops_and_params(model, example)
     return {"params": int(params), "macs": int(macs)}
 

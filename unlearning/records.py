@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from .checkpoints import device_name, library_versions
+from .datasets import DATASET_NAMES
 from .errors import DamagedFile
-from .settings import ARCHS, PAPER_RECIPE, PRESETS, PRETRAIN_RECIPES, REPOSITORY, preset_recipe
+from .settings import ARCHS, PAPER_RECIPE, PRESETS, REPOSITORY, preset_recipe, pretrain_recipe
 
 # What a record must share with the plan to be reused; a difference in any of them makes it stale. Code
 # version, device and library versions are recorded and shown in the tables, but do not make a record stale.
@@ -82,7 +83,7 @@ def script_recipe(script):
 def recipe(run, preset):
     """The training recipe the run's script resolves for the sweep's flags: the pretraining recipe, or the method
     script's own, with the preset's overrides."""
-    base = PRETRAIN_RECIPES[run.arch] if run.from_scratch else script_recipe(run.script)
+    base = pretrain_recipe(run.arch, run.dataset) if run.from_scratch else script_recipe(run.script)
     return preset_recipe(base, preset, run.from_scratch)
 
 
@@ -153,8 +154,9 @@ RECORD_REQUIRED = {"arch": one_of(ARCHS), "method": of_type(str, "a method name"
                    "preset": one_of(PRESETS), "forget": of_type(str, "a forget tag"), "UA": PERCENT,
                    "RA": PERCENT, "TA": PERCENT, "MIA_efficacy": PERCENT, "RTE_s": SECONDS, "seconds": SECONDS,
                    "fingerprint": fingerprint_check}
-RECORD_OPTIONAL = {"peak_gpu_mem_mb": or_none(within(0, math.inf)), "probe_UA": or_none(within(0, 100, nan=True)),
-                   "probe_TA": or_none(within(0, 100, nan=True)), "CKA_forget": or_none(within(-1, 1.001, nan=True)),
+RECORD_OPTIONAL = {"dataset": one_of(DATASET_NAMES), "peak_gpu_mem_mb": or_none(within(0, math.inf)),
+                   "probe_UA": or_none(within(0, 100, nan=True)), "probe_TA": or_none(within(0, 100, nan=True)),
+                   "CKA_forget": or_none(within(-1, 1.001, nan=True)),
                    "CKA_retain": or_none(within(-1, 1.001, nan=True)), "relearn_steps": or_none(whole_number),
                    "device": or_none(of_type(str, "a device name")), "created": or_none(of_type(str, "a date")),
                    "model_sha256": sha256_check, "curve": of_type(list, "a list of points")}

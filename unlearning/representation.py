@@ -16,12 +16,13 @@ import torch
 
 from . import evaluation
 from .arguments import number, open_unit_interval
-from .checkpoints import load_checkpoint, weights_path
+from .checkpoints import checkpoint_dataset, load_checkpoint, weights_path
 from .data import Batches, normalize
+from .datasets import DEFAULT_DATASET
 from .errors import UserError
 from .metrics import accuracy, predict, run_now
 from .models import to_device
-from .settings import EVAL_BATCH_SIZE, NUM_CLASSES, PAPER_RECIPE
+from .settings import EVAL_BATCH_SIZE, PAPER_RECIPE
 from .training import make_adam, seed_everything, train
 
 PROBE_PER_CLASS = 500      # training images per class the probe is fitted on (a seeded sample)
@@ -43,7 +44,7 @@ def classifier(model):
 
 
 @torch.no_grad()
-def penultimate_features(model, images, idx, batch_size=EVAL_BATCH_SIZE):
+def penultimate_features(model, images, idx, batch_size=EVAL_BATCH_SIZE, dataset=DEFAULT_DATASET):
     """fp32 inputs of the classifier for images[idx], [len(idx), width], on the model's device.
 
     ResNet: after global pooling; ViT: after the final norm and pooling (timm's forward_head(pre_logits=True)).
@@ -54,7 +55,7 @@ def penultimate_features(model, images, idx, batch_size=EVAL_BATCH_SIZE):
     hook = head.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].float()))
     try:
         for start in range(0, len(idx), batch_size):
-            model(normalize(images[idx[start:start + batch_size]]))
+            model(normalize(images[idx[start:start + batch_size]], dataset))
     finally:
         hook.remove()
     device = next(model.parameters()).device
@@ -69,10 +70,10 @@ def seeded_sample(idx, k, seed):
     return idx[pick].sort().values
 
 
-def per_class_sample(labels, idx, k, seed):
-    """Up to k entries of idx per class, each class drawn with its own seed."""
-    return torch.cat([seeded_sample(idx[labels[idx] == c], k, seed * NUM_CLASSES + c)
-                      for c in range(NUM_CLASSES)])
+def per_class_sample(labels, idx, k, seed, num_classes=10):
+    """Up to k entries of idx per class of num_classes, each class drawn with its own seed."""
+    return torch.cat([seeded_sample(idx[labels[idx] == c], k, seed * num_classes + c)
+                      for c in range(num_classes)])
 
 
 # ---------------------------------------------------------------------------------------- linear probe
@@ -115,18 +116,21 @@ def probe_ua(model, data, splits, spec, seed=0, per_class=PROBE_PER_CLASS, submi
     train_images, train_labels = data.train_images, data.train_labels
     if spec.random_fraction is None:
         all_train = torch.arange(len(train_labels), device=train_labels.device)
-        fit_idx = per_class_sample(train_labels, all_train, per_class, seed)
+        fit_idx = per_class_sample(train_labels, all_train, per_class, seed, data.num_classes)
         forgotten = torch.tensor(spec.classes, device=data.test_labels.device)
         score_images, score_labels = data.test_images, data.test_labels
         score_idx = torch.nonzero(torch.isin(data.test_labels, forgotten)).flatten()
     else:
-        fit_idx = per_class_sample(train_labels, splits.retain_idx, per_class, seed)
+        fit_idx = per_class_sample(train_labels, splits.retain_idx, per_class, seed, data.num_classes)
         score_images, score_labels = train_images, train_labels
-        score_idx = seeded_sample(splits.forget_idx, per_class * NUM_CLASSES, seed)
-    check_idx = per_class_sample(data.test_labels, splits.test_idx, PROBE_CHECK_PER_CLASS, seed)
-    fit = (penultimate_features(model, train_images, fit_idx).cpu(), train_labels[fit_idx].cpu())
-    scored = (penultimate_features(model, score_images, score_idx).cpu(), score_labels[score_idx].cpu())
-    check = (penultimate_features(model, data.test_images, check_idx).cpu(), data.test_labels[check_idx].cpu())
+        score_idx = seeded_sample(splits.forget_idx, per_class * data.num_classes, seed)
+    check_idx = per_class_sample(data.test_labels, splits.test_idx, PROBE_CHECK_PER_CLASS, seed, data.num_classes)
+
+    def features(images, idx):
+        return penultimate_features(model, images, idx, dataset=data.dataset).cpu()
+    fit = (features(train_images, fit_idx), train_labels[fit_idx].cpu())
+    scored = (features(score_images, score_idx), score_labels[score_idx].cpu())
+    check = (features(data.test_images, check_idx), data.test_labels[check_idx].cpu())
     probe = submit(fit_probe, *fit, seed)
     return {"probe_UA": submit(probe_error, probe, *scored), "probe_TA": submit(probe_accuracy, probe, *check)}
 
@@ -155,15 +159,15 @@ def feature_similarity(model, original, data, splits, seed=0, samples=CKA_SAMPLE
     similarity = {}
     for name, idx in (("forget", splits.forget_idx), ("retain", splits.retain_idx)):
         sample = seeded_sample(idx, samples, seed)
-        similarity[f"CKA_{name}"] = linear_cka(penultimate_features(model, data.train_images, sample),
-                                               penultimate_features(original, data.train_images, sample))
+        similarity[f"CKA_{name}"] = linear_cka(
+            *(penultimate_features(net, data.train_images, sample, dataset=data.dataset) for net in (model, original)))
     return similarity
 
 
 # --------------------------------------------------------------------------------------- relearn time
 
 def forget_accuracy(model, data, idx):
-    return accuracy(predict(model, data.train_images, idx), data.train_labels[idx])
+    return accuracy(predict(model, data.train_images, idx, dataset=data.dataset), data.train_labels[idx])
 
 
 def relearn_time(model, original, data, splits, seed=0, fraction=RELEARN["fraction"],
@@ -188,7 +192,7 @@ def relearn_time(model, original, data, splits, seed=0, fraction=RELEARN["fracti
     seed_everything(seed)
     model = copy.deepcopy(model).requires_grad_(True)
     batches = Batches(data.train_images, data.train_labels, sample, min(RELEARN["batch_size"], len(sample)),
-                      seed=seed)
+                      seed=seed, dataset=data.dataset)
     stream = itertools.chain.from_iterable(itertools.repeat(batches))  # each pass over the sample reshuffles
     optimizer = make_adam(model.parameters(), RELEARN["lr"])
     steps, relearned = 0, forget_accuracy(model, data, held_out)
@@ -208,10 +212,10 @@ def relearn_time(model, original, data, splits, seed=0, fraction=RELEARN["fracti
 def find_original(path, meta, originals=(), cache=None, device="cpu"):
     """(model or None, {"original_weights": str or None, "original_from": how it was found}).
 
-    In order: an --original checkpoint of the same arch and preset; the checkpoint meta's source_weights
+    In order: an --original checkpoint of the same arch, preset and dataset; the checkpoint meta's source_weights
     (method checkpoints); the checkpoint itself when it is an original model; the default
     model_weights/{arch}_original.pth. None (with a note) when none of these exists."""
-    arch, preset = meta["arch"], meta.get("preset", "full")
+    arch, preset, dataset = meta["arch"], meta.get("preset", "full"), checkpoint_dataset(meta)
     cache = {} if cache is None else cache
 
     def load(candidate):
@@ -226,14 +230,15 @@ def find_original(path, meta, originals=(), cache=None, device="cpu"):
         candidates.append((Path(meta["source_weights"]), "checkpoint meta source_weights"))
     if meta.get("method") == "original":
         candidates.append((Path(path), "the checkpoint itself"))
-    candidates.append((weights_path(arch, "original", preset), "default path"))
+    candidates.append((weights_path(arch, "original", preset, dataset=dataset), "default path"))
     for candidate, how in candidates:
         if candidate.is_file():
             model, original_meta = load(candidate)
-            if original_meta["arch"] == arch and original_meta.get("preset", "full") == preset:
+            if (original_meta["arch"], original_meta.get("preset", "full"), checkpoint_dataset(original_meta)) == \
+                    (arch, preset, dataset):
                 return model, {"original_weights": str(candidate), "original_from": how}
-    return None, {"original_weights": None,
-                  "original_from": f"not found: pass --original PATH (a {arch} {preset}-preset original model)"}
+    return None, {"original_weights": None, "original_from": f"not found: pass --original PATH (a {arch} "
+                                                             f"{preset}-preset original model of {dataset})"}
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -257,7 +262,7 @@ def representation_metrics(model, original, data, splits, spec, seed=0, probe=Fa
 
 def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cache=None, probe=False, cka=False,
                         relearn=False, originals=(), relearn_fraction=RELEARN["fraction"],
-                        relearn_max_steps=RELEARN["max_steps"], submit=run_now):
+                        relearn_max_steps=RELEARN["max_steps"], submit=run_now, dataset=None):
     """evaluate_checkpoint's row plus the asked-for representation metrics (and, for CKA and relearn,
     original_weights / original_from: where the original model came from). data_cache also keeps the
     loaded original models between calls. The MIA's and the probe's fits go through submit: with an executor's,
@@ -272,7 +277,7 @@ def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cach
                                           relearn_fraction, relearn_max_steps, submit), **source}
 
     return evaluation.evaluate_checkpoint(path, data_root, device, spec, seed, cache, extra_metrics=extra_metrics,
-                                          submit=submit)
+                                          submit=submit, dataset=dataset)
 
 
 def columns(probe=False, cka=False, relearn=False):

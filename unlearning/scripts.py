@@ -23,7 +23,8 @@ from .arguments import (
     with_overrides,
 )
 from .checkpoints import device_name, library_versions, load_checkpoint, name_settings, save_checkpoint, weights_path
-from .data import CIFAR10, Batches, load_cifar10, normalize
+from .data import Batches, Data, load_data, normalize
+from .datasets import DATASETS
 from .errors import Terminated, UserError, raise_terminated
 from .files import written
 from .forget import ForgetSpec, Splits, check_splits, forget_spec_from_args, make_splits
@@ -31,7 +32,7 @@ from .measure import AccuracyCurve, Measure, default_eval_every, warm_up_on
 from .metrics import accuracy, predict
 from .models import build_model, to_device
 from .pruning import model_cost, prune
-from .settings import PAPER_RECIPE, PRETRAIN_OPTIONS, PRETRAIN_RECIPES, preset_recipe
+from .settings import PAPER_RECIPE, PRETRAIN_OPTIONS, preset_recipe, pretrain_recipe
 from .training import deterministic_mode, seed_everything, train, train_from_scratch
 
 _cli_depth = 0
@@ -82,7 +83,7 @@ def nested_cli():
 class Context:
     """Everything a method's unlearn() may need beside the model."""
     args: argparse.Namespace
-    data: CIFAR10
+    data: Data
     splits: Splits
     spec: ForgetSpec
     device: torch.device
@@ -97,14 +98,14 @@ class Context:
 
     def retain_batches(self):
         return Batches(self.data.train_images, self.data.train_labels, self.splits.retain_idx, self.batch_size,
-                       seed=self.args.seed)
+                       seed=self.args.seed, dataset=self.data.dataset)
 
     def forget_batches(self, batch_size=None):
         return Batches(self.data.train_images, self.data.train_labels, self.splits.forget_idx,
-                       batch_size or self.batch_size, seed=self.args.seed)
+                       batch_size or self.batch_size, seed=self.args.seed, dataset=self.data.dataset)
 
     def example_input(self):
-        return normalize(self.data.train_images[:2])
+        return normalize(self.data.train_images[:2], self.data.dataset)
 
     def prune(self, model):
         """Prune model by --prune-amount and --prune-mode, recording both in the checkpoint's meta."""
@@ -154,18 +155,21 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain, settings=None):
 
     settings: the non-default model-changing flags (name_settings), named in the default output path."""
     spec = forget_spec_from_args(args) or ForgetSpec()
-    out = check_out_path(args, weights_path(args.arch, args.method, args.preset, spec, settings=settings))
-    source = Path(args.weights) if args.weights else weights_path(args.arch, "original", args.preset)
+    out = check_out_path(args, weights_path(args.arch, args.method, args.preset, spec, settings=settings,
+                                            dataset=args.dataset))
+    source = Path(args.weights) if args.weights else weights_path(args.arch, "original", args.preset,
+                                                                  dataset=args.dataset)
     if not source.is_file():
-        smoke = " --preset smoke" if args.preset == "smoke" else ""
-        raise UserError(f"no original model at {source}: run `python pretrain.py --arch {args.arch}{smoke}` first, "
+        flags = (" --preset smoke" if args.preset == "smoke" else "") + \
+            (f" --dataset {args.dataset}" if args.dataset != "cifar10" else "")
+        raise UserError(f"no original model at {source}: run `python pretrain.py --arch {args.arch}{flags}` first, "
                         f"or pass --weights PATH")
     device = torch.device(args.device)
-    model, source_meta = load_checkpoint(source, device, arch=args.arch)
+    model, source_meta = load_checkpoint(source, device, arch=args.arch, dataset=args.dataset)
     model = to_device(model, device)
     if source_meta.get("preset", "full") != args.preset:
         raise UserError(f"{source} was trained with --preset {source_meta.get('preset')}, not {args.preset}")
-    data = load_cifar10(args.data, device, args.preset)
+    data = load_data(args.data, device, args.preset, args.dataset)
     splits = make_splits(data.train_labels, data.test_labels, spec)
     check_splits(splits, spec, args.data)
     recipe = with_overrides(getattr(args, "recipe", PAPER_RECIPE), args)
@@ -198,7 +202,7 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain, settings=None):
 
 def run_meta(args, spec, epochs, lr, batch_size, train_images, measure):
     """Checkpoint meta shared by every training script."""
-    return {"arch": args.arch, "preset": args.preset, "method": args.method,
+    return {"arch": args.arch, "dataset": args.dataset, "preset": args.preset, "method": args.method,
             "forget": spec.to_dict() if spec else None, "seed": args.seed, "epochs": epochs, "lr": lr,
             "batch_size": batch_size, "train_images": train_images, "prune_amount": None, "prune_mode": None,
             "lora": None, "rte_s": measure.seconds, "peak_gpu_mem_mb": measure.peak_gpu_mem_mb,
@@ -228,12 +232,14 @@ def run_from_scratch(method, doc, argv=None):
         spec = (forget_spec_from_args(args) or ForgetSpec()) if method == "retrain" else None
         if method != "retrain" and forget_spec_from_args(args) is not None:
             raise UserError("pretrain.py trains on every training image; forget flags belong to retrain.py")
-        settings = name_settings(parser, args, {**PRETRAIN_OPTIONS, **preset_recipe(PRETRAIN_RECIPES[args.arch],
-                                                                                    args.preset, from_scratch=True)})
-        out = check_out_path(args, weights_path(args.arch, method, args.preset, spec, settings=settings))
+        base_recipe = pretrain_recipe(args.arch, args.dataset)
+        settings = name_settings(parser, args, {**PRETRAIN_OPTIONS, **preset_recipe(base_recipe, args.preset,
+                                                                                    from_scratch=True)})
+        out = check_out_path(args, weights_path(args.arch, method, args.preset, spec, settings=settings,
+                                                dataset=args.dataset))
         with deterministic_mode(args.deterministic):
             device = torch.device(args.device)
-            data = load_cifar10(args.data, device, args.preset)
+            data = load_data(args.data, device, args.preset, args.dataset)
             all_test = torch.arange(len(data.test_labels), device=device)
             if spec:
                 splits = make_splits(data.train_labels, data.test_labels, spec)
@@ -241,17 +247,18 @@ def run_from_scratch(method, doc, argv=None):
                 idx, test_idx = splits.retain_idx, splits.test_idx
             else:
                 idx, test_idx = torch.arange(len(data.train_labels), device=device), all_test
-            recipe = {**PRETRAIN_OPTIONS, **with_overrides(PRETRAIN_RECIPES[args.arch], args, from_scratch=True)}
+            recipe = {**PRETRAIN_OPTIONS, **with_overrides(base_recipe, args, from_scratch=True)}
             recipe.update({key: getattr(args, key) for key in ("mixup_alpha", "cutmix_alpha", "compile")
                            if getattr(args, key) is not None})
             seed_everything(args.seed)
-            model = to_device(build_model(args.arch, args.preset), device)
+            info = DATASETS[args.dataset]
+            model = to_device(build_model(args.arch, args.preset, info.num_classes, info.image_size), device)
             print(f"{method}: {len(idx)} training images, {recipe['epochs']} epoch(s) on {device_name(device)}",
                   flush=True)
             warm_up_on(model, data, idx, recipe["batch_size"])
             every = default_eval_every(recipe["epochs"]) if args.eval_every is None else args.eval_every
             curve = AccuracyCurve(model, data.test_images, data.test_labels, test_idx, every, recipe["epochs"],
-                                  len(idx), desc=method)
+                                  len(idx), desc=method, dataset=data.dataset)
             with Measure(device) as measure:
                 curve.begin()
                 train_from_scratch(model, data, idx, recipe, args.seed, desc=method, curve=curve)
@@ -260,7 +267,7 @@ def run_from_scratch(method, doc, argv=None):
             meta.update(recipe=recipe, settings=settings, eval_every=every, curve=curve.points,
                         data_mem_mb=data.resident_mb)
             save_checkpoint(out, model, meta)
-            test_accuracy = accuracy(predict(model, data.test_images, all_test), data.test_labels)
+            test_accuracy = accuracy(predict(model, data.test_images, all_test, dataset=data.dataset), data.test_labels)
         report_saved(out, meta)
         print(f"test accuracy (all classes): {test_accuracy:.2f} %")
         return out

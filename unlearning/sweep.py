@@ -117,6 +117,11 @@ class Sweep:
             return None
 
     @property
+    def data_key(self):
+        """The key of the sweep's data in data_cache, as evaluation.evaluate_checkpoint keys it."""
+        return self.args.data, self.args.preset, self.args.dataset
+
+    @property
     def overlap(self):
         return getattr(self.args, "overlap_evaluation", False)
 
@@ -218,7 +223,7 @@ class Sweep:
         epochs over the training images at the measured images/s (pretraining for a from-scratch run; for a
         method, its own unlearning rows or else the slowest method's), plus evaluating the train and test
         images, times BENCH_SAFETY_FACTOR, plus RUN_START_SECONDS."""
-        data = self.data_cache[(self.args.data, self.args.preset)]
+        data = self.data_cache[self.data_key]
         train_images, test_images = len(data.train_labels), len(data.test_labels)
         epochs = recipe(run, self.args.preset)["epochs"]
         if run.from_scratch:
@@ -244,9 +249,9 @@ class Sweep:
         free_memory()
         todo = self.pending(unit)
         original_hash, previous, done = None, None, []
-        data = self.data_cache[(self.args.data, self.args.preset)]
+        data = self.data_cache[self.data_key]
         with shared_data() as cache, ThreadPoolExecutor(1, thread_name_prefix="evaluation") as pool:
-            cache[data_key(self.args.data, self.args.preset, self.args.device)] = data
+            cache[data_key(self.args.data, self.args.preset, self.args.device, self.args.dataset)] = data
             try:
                 for run in unit.runs:
                     if run.method == "original" and run not in todo:
@@ -345,10 +350,10 @@ class Sweep:
         """The record of a freshly trained run: metrics, fingerprint, and for the original its model hash. With
         submit, the MIA's and probe's fits go through it and the record holds their Futures (see finish). Each
         evaluation loads the original model it compares with afresh, so that none stays on the device."""
-        data_only = {(self.args.data, self.args.preset): self.data_cache[(self.args.data, self.args.preset)]}
+        data_only = {self.data_key: self.data_cache[self.data_key]}
         options = {**self.representation_options(run), **({"submit": submit} if submit else {})}
         metrics = representation.evaluate_checkpoint(run.checkpoint, self.args.data, self.args.device, self.spec,
-                                                     run.seed, data_only, **options)
+                                                     run.seed, data_only, **options, dataset=self.args.dataset)
         meta = torch.load(run.checkpoint, map_location="cpu", weights_only=True, mmap=True)["meta"]
         record = {**metrics, "unit": unit_name(run.arch, run.seed, "retrain" if run.method == "retrain" else "methods"),
                   "device": meta.get("device"), "created": meta.get("created"), "data_label": self.args.data_label,

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from .data import Batches
 from .errors import TrainingDiverged, UserError
-from .settings import BASELINE_SGD, DIVERGENCE_CHECK_STEPS, NUM_CLASSES, PAPER_RECIPE, PRETRAIN_OPTIONS, gpu_shaped
+from .settings import BASELINE_SGD, DIVERGENCE_CHECK_STEPS, PAPER_RECIPE, PRETRAIN_OPTIONS, gpu_shaped
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend under compile (inductor needs a C++ compiler on CPU)
 
@@ -97,8 +97,9 @@ def beta_sample(alpha, generator, device):
     return torch._sample_dirichlet(torch.full((2,), float(alpha), device=device), generator=generator)[0]
 
 
-def mix_batch(inputs, labels, generator, mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=1.0, switch_prob=0.5):
-    """(mixed inputs, soft targets [N, NUM_CLASSES]): the batch mixed with its reverse, like timm's Mixup in batch
+def mix_batch(inputs, labels, generator, mixup_alpha=0.0, cutmix_alpha=0.0, mix_prob=1.0, switch_prob=0.5,
+              num_classes=10):
+    """(mixed inputs, soft targets [N, num_classes]): the batch mixed with its reverse, like timm's Mixup in batch
     mode. With probability mix_prob the batch is mixed, by cutmix with probability switch_prob when both alphas are
     on, else by the one that is on. Mixup blends whole images with weight lam ~ Beta(mixup_alpha, mixup_alpha);
     cutmix pastes a box of the partner image of area about (1 - lam) with lam ~ Beta(cutmix_alpha, cutmix_alpha),
@@ -109,7 +110,7 @@ def mix_batch(inputs, labels, generator, mixup_alpha=0.0, cutmix_alpha=0.0, mix_
     needs an even batch size, while the last batch of an epoch may be odd. Here every draw comes from `generator`
     (the batches' own, on the device), the same draws for every batch, so a seed repeats a run, and no step reads a
     value back to the host: the box is a mask, not Python slice bounds."""
-    targets = torch.zeros(len(labels), NUM_CLASSES, device=labels.device).scatter_(1, labels[:, None], 1.0)
+    targets = torch.zeros(len(labels), num_classes, device=labels.device).scatter_(1, labels[:, None], 1.0)
     if not (mixup_alpha or cutmix_alpha):
         return inputs, targets
     device = inputs.device
@@ -147,7 +148,8 @@ def train_from_scratch(model, data, idx, recipe, seed, desc="pretrain", curve=No
 
     curve: an AccuracyCurve, called after each epoch."""
     options = {**PRETRAIN_OPTIONS, **recipe}
-    batches = Batches(data.train_images, data.train_labels, idx, recipe["batch_size"], seed=seed, augment=True)
+    batches = Batches(data.train_images, data.train_labels, idx, recipe["batch_size"], seed=seed, augment=True,
+                      dataset=data.dataset)
     params = [p for p in model.parameters() if p.requires_grad]
     if recipe["optimizer"] == "sgd":
         optimizer = torch.optim.SGD(params, lr=recipe["lr"], momentum=0.9, nesterov=True,
@@ -163,7 +165,7 @@ def train_from_scratch(model, data, idx, recipe, seed, desc="pretrain", curve=No
 
     def smoothed_cross_entropy(model, inputs, labels):
         if mixes:  # soft targets; cross_entropy smooths them as it does labels: (1 - s) * targets + s / classes
-            inputs, labels = mix_batch(inputs, labels, batches.generator, **mixing)
+            inputs, labels = mix_batch(inputs, labels, batches.generator, **mixing, num_classes=data.num_classes)
         return F.cross_entropy(model(inputs), labels, label_smoothing=smoothing)
 
     trained = model

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoints import weights_path
+from .datasets import DEFAULT_DATASET
 from .errors import UserError
 from .settings import ARCHS, RESULTS_DIR
 
@@ -24,9 +25,10 @@ def forget_flags(spec):
     return ["--forget-class", *map(str, spec.classes), "--forget-seed", str(spec.seed)]
 
 
-def results_stem(arch, preset, spec):
-    """{arch}[-smoke][_{forget tag}], named like the checkpoints; the default forget setting is unmarked."""
-    return weights_path(arch, "", preset, spec).stem.removesuffix("_")
+def results_stem(arch, preset, spec, dataset=DEFAULT_DATASET):
+    """{arch}[-smoke][_{dataset}][_{forget tag}], named like the checkpoints; CIFAR-10 and the default forget
+    setting are unmarked."""
+    return weights_path(arch, "", preset, spec, dataset=dataset).stem.removesuffix("_")
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Run:
     record: Path
     plan_flags: list  # what the run is: part of its fingerprint
     io_flags: list  # where it reads and writes: not part of it
+    dataset: str = DEFAULT_DATASET
 
     def __str__(self):
         return f"{self.arch} {self.method} seed {self.seed}"
@@ -68,8 +71,11 @@ def unit_name(arch, seed, kind):
 
 def make_run(arch, method, seed, args, spec):
     """The run of method (original, retrain or an unlearning script) for arch and seed under args."""
-    checkpoint = weights_path(arch, method, args.preset, spec, seed)
+    dataset = getattr(args, "dataset", DEFAULT_DATASET)
+    checkpoint = weights_path(arch, method, args.preset, spec, seed, dataset=dataset)
     plan_flags = ["--arch", arch, "--preset", args.preset, "--seed", str(seed)]
+    if dataset != DEFAULT_DATASET:  # CIFAR-10's flags stay as they were, so its records stay current
+        plan_flags += ["--dataset", dataset]
     io_flags = ["--data", str(args.data), "--device", args.device, "--out", str(checkpoint)]
     if method == "original":
         script = "pretrain.py"
@@ -77,8 +83,9 @@ def make_run(arch, method, seed, args, spec):
         script = f"{method}.py"
         plan_flags += forget_flags(spec)
         if method != "retrain":
-            io_flags += ["--weights", str(weights_path(arch, "original", args.preset, spec, seed))]
-    return Run(arch, method, seed, script, checkpoint, RUNS_DIR / f"{checkpoint.stem}.json", plan_flags, io_flags)
+            io_flags += ["--weights", str(weights_path(arch, "original", args.preset, spec, seed, dataset=dataset))]
+    return Run(arch, method, seed, script, checkpoint, RUNS_DIR / f"{checkpoint.stem}.json", plan_flags, io_flags,
+               dataset)
 
 
 def plan_units(args, spec):
