@@ -126,7 +126,7 @@ def main(argv=None):
     num_classes = common.DATASETS[args.dataset].num_classes
     if len(set(args.steps)) != len(args.steps):
         raise common.UserError("--steps must name distinct classes")
-    common.check_classes(common.ForgetSpec(tuple(args.steps)), args.dataset)
+    common.check_classes(common.ForgetSpec(tuple(args.steps)), args.dataset, "--steps")
     args.methods = list(dict.fromkeys(args.methods))
     args.weights = args.weights or str(common.weights_path(args.arch, "original", args.preset, dataset=args.dataset))
     name = f"continual_{run_name(args)}_{'-'.join(args.methods)}"

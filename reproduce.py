@@ -19,7 +19,8 @@ and a fingerprint of what produced it (data, original model, recipe, flags, code
 results/runs/{checkpoint stem}.json. A run whose record matches the plan is done, even without its checkpoint
 (--force reruns it); a record that differs in data, original model, recipe or flags is never reused.
 Tables and plots are rebuilt from every matching record for the arch, preset and forget setting:
-results/{arch}[-smoke][_{forget}].json, .md, _metrics.png, _tradeoff.png.
+results/{arch}[-smoke][_{dataset}][_{forget}].json, .md, _metrics.png, _tradeoff.png (the dataset named unless
+CIFAR-10, --dataset as in the method scripts).
 """
 import argparse
 import shlex

@@ -46,7 +46,7 @@ def _coloured_noise(rng, classes, per_class, size):
     return np.clip(palette[labels][:, :, None, None] + noise, 0, 255).astype(np.uint8), labels
 
 
-def write_synthetic_cifar100(root, train_per_class=4, test_per_class=2, seed=0):
+def write_synthetic_cifar100(root, train_per_class=2, test_per_class=1, seed=0):
     """cifar-100-python/ (train, test, meta) under root, as the release pickles them: 100 fine classes."""
     rng = np.random.default_rng(seed)
     folder = Path(root) / "cifar-100-python"
@@ -76,7 +76,7 @@ def write_synthetic_svhn(root, train_per_class=20, test_per_class=10, seed=0):
     return Path(root)
 
 
-def write_synthetic_tiny_imagenet(root, train_per_class=2, test_per_class=1, seed=0):
+def write_synthetic_tiny_imagenet(root, train_per_class=1, test_per_class=1, seed=0):
     """tiny-imagenet-200/ under root, as the official zip unpacks: wnids.txt, words.txt, train/<wnid>/images/*.JPEG
     and val/images/*.JPEG with val/val_annotations.txt; 200 classes of 64x64 JPEGs (a few grey, as in the release)."""
     from PIL import Image

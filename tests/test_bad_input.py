@@ -8,8 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import scipy.io
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, SYNTHETIC_WRITERS, run_script
+from PIL import Image
 
 import common
 
@@ -39,6 +41,26 @@ def truncated_copy(source, target):
     truncate(Path(target))
 
 
+def broken(dataset, change):
+    """A setup: the dataset's tiny synthetic files written under data/, then change() applied to them."""
+    def setup():
+        SYNTHETIC_WRITERS[dataset](Path("data"), train_per_class=1, test_per_class=1)
+        change()
+    return setup
+
+
+def small_svhn_images():
+    mat = scipy.io.loadmat("data/test_32x32.mat")
+    scipy.io.savemat("data/test_32x32.mat", {"X": mat["X"][:28, :28], "y": mat["y"]})
+
+
+def tiny_image(size):
+    Image.new("RGB", (size, size)).save(next(Path("data/tiny-imagenet-200/train").rglob("*.JPEG")))
+
+
+TINY_VAL = Path("data/tiny-imagenet-200/val")
+
+
 SETUPS = {
     "truncated batch": lambda: truncate(BATCHES / "data_batch_1"),
     "list pickle": lambda: rewrite_batch(BATCHES / "test_batch", lambda batch: [1, 2, 3]),
@@ -52,6 +74,15 @@ SETUPS = {
     "smoke weights, full meta": lambda: save_with_meta("wrong-preset.pth", "resnet50", "full"),
     "unknown arch": lambda: save_with_meta("alien.pth", "vit", "smoke", meta_arch="alexnet"),
     "bad forget meta": lambda: save_with_meta("bad-forget.pth", "vit", "smoke", forget={"classes": 3}),
+    "cifar10 weights, cifar100 meta": lambda: save_with_meta("relabelled.pth", "resnet50", "smoke", dataset="cifar100"),
+    "truncated cifar-100": broken("cifar100", lambda: truncate(Path("data/cifar-100-python/train"))),
+    "cifar-100 without meta": broken("cifar100", lambda: Path("data/cifar-100-python/meta").write_bytes(b"")),
+    "truncated svhn": broken("svhn", lambda: truncate(Path("data/train_32x32.mat"))),
+    "28x28 svhn": broken("svhn", small_svhn_images),
+    "truncated tiny jpeg": broken("tinyimagenet", lambda: truncate(next(TINY_VAL.rglob("*.JPEG")))),
+    "32x32 tiny jpeg": broken("tinyimagenet", lambda: tiny_image(32)),
+    "tiny val of no class": broken("tinyimagenet", lambda: (TINY_VAL / "val_annotations.txt").write_text(
+        "val_0.JPEG\tn99999999\t0\t0\t63\t63\n")),
 }
 
 
@@ -88,6 +119,7 @@ CASES = [
     ("continual.py", [*SMOKE, "--seed", "-1"], None, 2, "--seed"),
     ("bench.py", [*SMOKE, "--epochs", "0"], None, 2, "--epochs"),
     ("bench.py", [*SMOKE, "--limit", "2"], None, 2, "integer >= 5"),
+    ("bench.py", [*SMOKE, "--costs", "--dataset", "svhn"], None, 2, "--costs counts the paper's setting, cifar10"),
     ("reproduce.py", [*SMOKE, "--seeds", "0", "-1"], None, 2, "--seeds"),
     ("finetune.py", [*SMOKE, "--out", "notes.txt/x.pth"], None, 1, "notes.txt is a file, not a folder"),
     ("retrain.py", [*SMOKE, "--out", "notes.txt/deeper/x.pth"], None, 1, "notes.txt is a file"),
@@ -107,9 +139,35 @@ CASES = [
      "mislabelled.pth is not a checkpoint of arch resnet50 (smoke preset): "),
     ("evaluate.py", ["wrong-preset.pth", "--data", "data"], "smoke weights, full meta", 1,
      "not a checkpoint of arch resnet50 (full preset): "),
-    ("evaluate.py", ["alien.pth", "--data", "data"], "unknown arch", 1, "unknown arch or preset ('alexnet'"),
+    ("evaluate.py", ["alien.pth", "--data", "data"], "unknown arch", 1, "unknown arch, preset or dataset ('alexnet'"),
     ("evaluate.py", ["bad-forget.pth", "--data", "data"], "bad forget meta", 1, "is not a checkpoint of this project"),
     ("pruneft.py", [*SMOKE, "--weights", "missing.pth"], None, 1, "no original model at missing.pth"),
+    ("finetune.py", [*SMOKE, "--forget-class", "10"], None, 1, "--forget-class 10 is out of range: cifar10 has "
+                                                                "classes 0..9"),
+    ("retrain.py", [*SMOKE, "--dataset", "svhn", "--forget-class", "-1"], None, 1,
+     "--forget-class -1 is out of range: svhn has classes 0..9"),
+    ("evaluate.py", ["keep.pth", "--data", "data", "--forget-class", "3", "12"], None, 1,
+     "--forget-class 12 is out of range: cifar10 has classes 0..9"),
+    ("continual.py", [*SMOKE, "--steps", "3", "10"], None, 1, "--steps 10 is out of range: cifar10 has classes"),
+    ("reproduce.py", [*SMOKE, "--dataset", "cifar100", "--forget-class", "100"], None, 1, "classes 0..99"),
+    ("lora.py", [*SMOKE, "--dataset", "cifar100", "--weights", "keep.pth"], None, 1,
+     "keep.pth was trained on cifar10 (10 classes), not cifar100 (100): pass --dataset cifar10"),
+    ("loraprune.py", [*SMOKE, "--dataset", "svhn"], None, 1,
+     "no original model at model_weights/resnet50-smoke_svhn_original.pth: run `python pretrain.py --arch resnet50 "
+     "--preset smoke --dataset svhn` first"),
+    ("evaluate.py", ["relabelled.pth", "--data", "data"], "cifar10 weights, cifar100 meta", 1,
+     "relabelled.pth is not a checkpoint of arch resnet50 (smoke preset): "),
+    ("pretrain.py", [*SMOKE, "--dataset", "cifar100"], "truncated cifar-100", 1,
+     "train is not a CIFAR-100 batch: it does not unpickle"),
+    ("retrain.py", [*SMOKE, "--dataset", "cifar100"], "cifar-100 without meta", 1,
+     "meta is not CIFAR-100's meta file: it does not unpickle"),
+    ("pretrain.py", [*SMOKE, "--dataset", "svhn"], "truncated svhn", 1,
+     "train_32x32.mat is not an SVHN split (.mat with X and y): it does not load"),
+    ("retrain.py", [*SMOKE, "--dataset", "svhn"], "28x28 svhn", 1, "expected uint8 [N, 3, 32, 32]"),
+    ("pretrain.py", [*SMOKE, "--dataset", "tinyimagenet"], "truncated tiny jpeg", 1, "is not a JPEG image"),
+    ("pretrain.py", [*SMOKE, "--dataset", "tinyimagenet"], "32x32 tiny jpeg", 1, "is 32x32, expected 64x64"),
+    ("pretrain.py", [*SMOKE, "--dataset", "tinyimagenet"], "tiny val of no class", 1,
+     "val_annotations.txt: line 'val_0.JPEG"),
     ("ga.py", [*SMOKE, "--lr", "1e30", "--epochs", "3", "--out", "keep.pth"], None, 3,
      "training diverged (ga): the loss became"),
 ]

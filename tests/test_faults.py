@@ -364,8 +364,8 @@ def test_a_record_without_a_metric_is_a_one_line_error_and_never_done(cifar_dir,
 
 
 def damaged_plan(rerun_stale):
-    args = SimpleNamespace(preset="smoke", data="data", device="cpu", data_label="CIFAR-10", force=False,
-                           rerun_stale=rerun_stale, methods=["finetune"])
+    args = SimpleNamespace(preset="smoke", data="data", dataset="cifar10", device="cpu", data_label="CIFAR-10",
+                           force=False, rerun_stale=rerun_stale, methods=["finetune"])
     plan = sweep.Sweep(args, common.ForgetSpec(), "data-hash", {})
     return plan, units.plan_units(SimpleNamespace(**vars(args), arch=["resnet50"], seeds=[0]), common.ForgetSpec())
 

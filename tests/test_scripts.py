@@ -69,8 +69,11 @@ def test_missing_data_is_one_line(workdir, capsys, monkeypatch):
 
 
 def test_forget_class_out_of_range_is_one_line(workdir, capsys):
-    assert run_script("finetune.py", "--forget-class", "12") == 2
-    assert "invalid choice: 12" in one_line_error(capsys)
+    assert run_script("finetune.py", "--forget-class", "12") == 1
+    assert "--forget-class 12 is out of range: cifar10 has classes 0..9" in one_line_error(capsys)
+    assert run_script("retrain.py", "--dataset", "cifar100", "--forget-class", "3", "100") == 1
+    assert "--forget-class 100 is out of range: cifar100 has classes 0..99" in one_line_error(capsys)
+    assert not (workdir / "model_weights").exists()
 
 
 def test_weights_of_the_other_arch_are_refused_and_nothing_is_overwritten(original_weights, cifar_dir, workdir,
@@ -99,7 +102,7 @@ def test_every_script_has_help(script, capsys):
 
 
 def test_command_line_error_in_a_real_process(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "finetune.py"), "--forget-class", "12"], cwd=tmp_path,
+    done = subprocess.run([sys.executable, str(ROOT / "finetune.py"), "--epochs", "0"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1

@@ -26,7 +26,7 @@ def dead_pid():
 
 
 def test_only_data_original_recipe_and_flags_make_a_record_stale(monkeypatch):
-    args = SimpleNamespace(preset="smoke", data="data", device="cpu")
+    args = SimpleNamespace(preset="smoke", data="data", dataset="cifar10", device="cpu")
     run = units.make_run("resnet50", "lora", 0, args, common.ForgetSpec())
     planned = records.fingerprint(run, "smoke", "data-hash", "CIFAR-10", "cpu", "original-hash")
     assert planned["flags"] == ["lora.py", "--arch", "resnet50", "--preset", "smoke", "--seed", "0",
@@ -184,12 +184,13 @@ def bench_record(path, device="cpu", preset="smoke", rows=None):
 
 def estimate_plan(preset="smoke", train_images=300, test_images=100):
     """A Sweep on cpu whose data has train_images and test_images (only their counts matter to estimates)."""
-    args = SimpleNamespace(preset=preset, data="data", device="cpu", data_label="CIFAR-10", force=False)
+    args = SimpleNamespace(preset=preset, data="data", dataset="cifar10", device="cpu", data_label="CIFAR-10",
+                           force=False)
     data = common.Data(torch.zeros(train_images, 3, 32, 32, dtype=torch.uint8),
-                          torch.zeros(train_images, dtype=torch.long),
-                          torch.zeros(test_images, 3, 32, 32, dtype=torch.uint8),
-                          torch.zeros(test_images, dtype=torch.long))
-    plan = sweep.Sweep(args, common.ForgetSpec(), "data-hash", {("data", preset): data})
+                       torch.zeros(train_images, dtype=torch.long),
+                       torch.zeros(test_images, 3, 32, 32, dtype=torch.uint8),
+                       torch.zeros(test_images, dtype=torch.long))
+    plan = sweep.Sweep(args, common.ForgetSpec(), "data-hash", {("data", preset, "cifar10"): data})
     return plan, {method: units.make_run("resnet50", method, 0, args, common.ForgetSpec())
                   for method in ("original", "retrain", "finetune", "lora", "ga")}
 

@@ -87,6 +87,9 @@ def _read_data(root, device, preset, dataset):
     if preset == "smoke":
         per_class = max(SMOKE["train_per_class"], SMOKE["test_per_class"])
     train_images, train_labels, test_images, test_labels = map(torch.from_numpy, info.read(root, per_class))
+    if not (len(train_labels) and len(test_labels)):
+        raise UserError(f"the {info.title} files under {root} hold no {'training' if test_labels.numel() else 'test'} "
+                        f"images")
     if preset == "smoke":
         keep_train = first_per_class(train_labels, SMOKE["train_per_class"], info.num_classes)
         keep_test = first_per_class(test_labels, SMOKE["test_per_class"], info.num_classes)

@@ -55,8 +55,6 @@ def check_arrays(path, title, images, labels, dataset):
     if len(labels) and not 0 <= labels.min() <= labels.max() < dataset.num_classes:
         raise UserError(f"{path}: labels must lie in 0..{dataset.num_classes - 1}, "
                         f"found {labels.min()}..{labels.max()}")
-    if not len(labels):
-        raise UserError(f"{path} holds no images")
     return images, labels.astype(np.int64)
 
 
@@ -189,16 +187,19 @@ def _tiny_names(root):
 
 def _decode(path, size):
     """uint8 [3, size, size] of one JPEG (grey ones made RGB); a UserError names a file that is not one."""
-    from torchvision.io import ImageReadMode, decode_image
+    from PIL import Image
 
     try:
-        image = decode_image(torchvision.io.read_file(str(path)), mode=ImageReadMode.RGB)
-    except Exception as error:
+        with Image.open(path) as picture:
+            image = np.asarray(picture.convert("RGB"))
+    except OSError as error:
+        if not Path(path).is_file():
+            raise UserError(f"cannot read {path}: {error.strerror or error}") from None
         raise UserError(f"{path} is not a JPEG image ({type(error).__name__}); the file is truncated or corrupt") \
             from None
-    if tuple(image.shape) != (3, size, size):
-        raise UserError(f"{path} is {image.shape[2]}x{image.shape[1]}, expected {size}x{size}")
-    return image.numpy()
+    if image.shape != (size, size, 3):
+        raise UserError(f"{path} is {image.shape[1]}x{image.shape[0]}, expected {size}x{size}")
+    return image.transpose(2, 0, 1)
 
 
 def _decode_all(paths, size):

@@ -77,12 +77,12 @@ def forget_spec_from_args(args):
     return spec
 
 
-def check_classes(spec, dataset):
-    """Refuse forget classes outside the dataset's range, or all of its classes."""
+def check_classes(spec, dataset, flag="--forget-class"):
+    """Refuse forget classes (given by flag) outside the dataset's range, or all of its classes."""
     info = DATASETS[dataset]
     outside = [c for c in spec.classes if not 0 <= c < info.num_classes]
     if outside:
-        raise UserError(f"--forget-class {outside[0]} is out of range: {dataset} has classes 0..{info.num_classes - 1}")
+        raise UserError(f"{flag} {outside[0]} is out of range: {dataset} has classes 0..{info.num_classes - 1}")
     if len(spec.classes) == info.num_classes:
         raise UserError("cannot forget every class: nothing would be left to retain")
 

@@ -71,7 +71,7 @@ def unit_name(arch, seed, kind):
 
 def make_run(arch, method, seed, args, spec):
     """The run of method (original, retrain or an unlearning script) for arch and seed under args."""
-    dataset = getattr(args, "dataset", DEFAULT_DATASET)
+    dataset = args.dataset
     checkpoint = weights_path(arch, method, args.preset, spec, seed, dataset=dataset)
     plan_flags = ["--arch", arch, "--preset", args.preset, "--seed", str(seed)]
     if dataset != DEFAULT_DATASET:  # CIFAR-10's flags stay as they were, so its records stay current
