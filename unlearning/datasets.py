@@ -73,15 +73,23 @@ def _keep(images, labels, per_class, num_classes):
 
 # ------------------------------------------------------------------------------------------ CIFAR
 
-def _unpickle(path, title):
+def parse_file(path, parse, title, verb="load"):
+    """parse(open binary file) of the file at path; a file that cannot be opened, or that parse fails on (a
+    truncated or foreign file raises many types), is a one-line UserError naming it."""
     try:
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+        f = open(path, "rb")
     except OSError as error:
         raise UserError(f"cannot read {path}: {error.strerror or error}") from None
-    except Exception as error:  # unpickling raises many types on truncated or foreign files
-        raise UserError(f"{path} is not {title}: it does not unpickle ({type(error).__name__}); "
-                        f"the file is truncated or corrupt, download it again") from None
+    with f:
+        try:
+            return parse(f)
+        except Exception as error:
+            raise UserError(f"{path} is not {title}: it does not {verb} ({type(error).__name__}); the file is "
+                            f"truncated or corrupt, download it again") from None
+
+
+def _unpickle(path, title):
+    return parse_file(path, lambda f: pickle.load(f, encoding="latin1"), title, "unpickle")
 
 
 def read_cifar_batch(path, dataset, label_key):
@@ -130,13 +138,7 @@ def _read_svhn_split(path, dataset):
     import scipy.io  # imported here: only SVHN needs it
 
     title = "an SVHN split (.mat with X and y)"
-    try:
-        mat = scipy.io.loadmat(path)
-    except OSError as error:
-        raise UserError(f"cannot read {path}: {error.strerror or error}") from None
-    except Exception as error:  # truncated or foreign files raise many types
-        raise UserError(f"{path} is not {title}: it does not load ({type(error).__name__}); the file is truncated "
-                        f"or corrupt, download it again") from None
+    mat = parse_file(path, scipy.io.loadmat, title)
     if "X" not in mat or "y" not in mat:
         raise UserError(f"{path} is not {title}: it has no 'X' and 'y'")
     images, labels = np.asarray(mat["X"]), np.asarray(mat["y"])
@@ -189,14 +191,7 @@ def _decode(path, size):
     """uint8 [3, size, size] of one JPEG (grey ones made RGB); a UserError names a file that is not one."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as picture:
-            image = np.asarray(picture.convert("RGB"))
-    except OSError as error:
-        if not Path(path).is_file():
-            raise UserError(f"cannot read {path}: {error.strerror or error}") from None
-        raise UserError(f"{path} is not a JPEG image ({type(error).__name__}); the file is truncated or corrupt") \
-            from None
+    image = parse_file(path, lambda f: np.asarray(Image.open(f).convert("RGB")), "a JPEG image", "decode")
     if image.shape != (size, size, 3):
         raise UserError(f"{path} is {image.shape[1]}x{image.shape[0]}, expected {size}x{size}")
     return image.transpose(2, 0, 1)
