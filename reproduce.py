@@ -193,8 +193,9 @@ def load_runs(arch, spec, plan):
     forget setting."""
     matching, left_out = [], []
     for path, record in plan.records().items():
-        if (record.get("arch"), record.get("preset"), record.get("forget"), record.get("dataset", "cifar10")) != \
-                (arch, plan.args.preset, spec.tag, plan.args.dataset):
+        what = (record.get("arch"), record.get("preset"), record.get("forget"),
+                record.get("dataset", common.DEFAULT_DATASET))  # records before datasets were named: CIFAR-10
+        if what != (arch, plan.args.preset, spec.tag, plan.args.dataset):
             continue
         run = units.make_run(arch, record["method"], record["seed"], plan.args, spec)
         original_hash = None if run.from_scratch else plan.original_hash(arch, record["seed"])

@@ -144,8 +144,10 @@ CASES = [
     ("pruneft.py", [*SMOKE, "--weights", "missing.pth"], None, 1, "no original model at missing.pth"),
     ("finetune.py", [*SMOKE, "--forget-class", "10"], None, 1, "--forget-class 10 is out of range: cifar10 has "
                                                                 "classes 0..9"),
-    ("retrain.py", [*SMOKE, "--dataset", "svhn", "--forget-class", "-1"], None, 1,
-     "--forget-class -1 is out of range: svhn has classes 0..9"),
+    ("retrain.py", [*SMOKE, "--dataset", "svhn", "--forget-class", "-1"], None, 2,
+     "--forget-class: expected an integer >= 0, got '-1'"),
+    ("retrain.py", [*SMOKE, "--dataset", "svhn", "--forget-class", "10"], None, 1,
+     "--forget-class 10 is out of range: svhn has classes 0..9"),
     ("evaluate.py", ["keep.pth", "--data", "data", "--forget-class", "3", "12"], None, 1,
      "--forget-class 12 is out of range: cifar10 has classes 0..9"),
     ("continual.py", [*SMOKE, "--steps", "3", "10"], None, 1, "--steps 10 is out of range: cifar10 has classes"),

@@ -24,7 +24,7 @@ def test_each_step_starts_from_the_last_and_the_forget_set_grows(original_weight
             meta = torch.load(workdir / row["checkpoint"], weights_only=True)["meta"]
             assert meta["source_weights"] == source and meta["forget"]["classes"] == row["forget_classes"]
     table = (workdir / "results/continual_vit-smoke_ga-rl.md").read_text().splitlines()
-    assert len(table) == 2 + 6 and table[4].startswith("| ga | 3 | 3 5 7 | 60 |")
+    assert len(table) == 2 + 6 and table[4].startswith("| ga | 3 | 3 (cat), 5 (dog), 7 (horse) | 60 |")
     assert (workdir / "results/continual_vit-smoke_ga-rl.png").stat().st_size > 10_000
 
 

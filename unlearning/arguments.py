@@ -73,8 +73,8 @@ def make_parser(doc):
 
 
 def add_forget_arguments(parser):
-    parser.add_argument("--forget-class", type=int, nargs="+", metavar="C",
-                        help=f"forget every training image of these classes, 0 to the dataset's class count - 1 "
+    parser.add_argument("--forget-class", type=nonnegative_int, nargs="+", metavar="C",
+                        help=f"forget every training image of these classes, below the dataset's class count "
                              f"(default: {DEFAULT_FORGET_CLASS})")
     parser.add_argument("--forget-random", type=open_unit_interval, metavar="FRACTION",
                         help="forget a seeded random FRACTION of the training images instead")

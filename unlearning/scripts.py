@@ -24,7 +24,7 @@ from .arguments import (
 )
 from .checkpoints import device_name, library_versions, load_checkpoint, name_settings, save_checkpoint, weights_path
 from .data import Batches, Data, load_data, normalize
-from .datasets import DATASETS
+from .datasets import DATASETS, DEFAULT_DATASET
 from .errors import Terminated, UserError, raise_terminated
 from .files import written
 from .forget import ForgetSpec, Splits, check_splits, forget_spec_from_args, make_splits
@@ -161,7 +161,7 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain, settings=None):
                                                                   dataset=args.dataset)
     if not source.is_file():
         flags = (" --preset smoke" if args.preset == "smoke" else "") + \
-            (f" --dataset {args.dataset}" if args.dataset != "cifar10" else "")
+            (f" --dataset {args.dataset}" if args.dataset != DEFAULT_DATASET else "")
         raise UserError(f"no original model at {source}: run `python pretrain.py --arch {args.arch}{flags}` first, "
                         f"or pass --weights PATH")
     device = torch.device(args.device)
