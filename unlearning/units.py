@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .checkpoints import weights_path
 from .errors import UserError
-from .settings import ARCHS, RESULTS_DIR
+from .models import ARCHS
+from .settings import RESULTS_DIR
 
 RUNS_DIR = RESULTS_DIR / "runs"
 
