@@ -162,8 +162,8 @@ class Architecture:
 # Nesterov), lr 0.1, weight decay 5e-4, batch 256, 182 epochs, lr x0.1 after epochs 91 and 136, crop + flip.
 UNLEARN_SPARSE_RECIPE = {"epochs": 182, "lr": 0.1, "batch_size": 256, "optimizer": "sgd", "weight_decay": 5e-4,
                          "label_smoothing": 0.0, "nesterov": False, "lr_milestones": [0.5, 0.75]}
-UNLEARN_SPARSE_SOURCE = ("OPTML-Group Unlearn-Sparse, main_train.py with arg_parser.py's defaults; "
-                         "not yet sized on a GPU")
+UNLEARN_SPARSE_SOURCE = ("OPTML-Group Unlearn-Sparse, main_train.py with arg_parser.py's defaults (SalUn's "
+                         "Classification/arg_parser.py has the same); not yet sized on a GPU")
 CNN_LORA = {"rank": 8, "alpha": 16, "dropout": 0.1}
 
 ARCHITECTURES = {
