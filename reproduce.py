@@ -443,8 +443,8 @@ def write_results(arch, spec, plan):
 
 def parse_args(argv):
     parser = common.make_parser(__doc__)
-    parser.add_argument("--arch", nargs="+", choices=common.ARCHS, default=list(common.ARCHS),
-                        help="models to run (default: resnet50 vit)")
+    parser.add_argument("--arch", nargs="+", choices=common.ARCHS, default=list(common.PAPER_ARCHS),
+                        help=f"models to run (default: the paper's, {' '.join(common.PAPER_ARCHS)})")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                         help=f"unlearning scripts {{METHOD}}.py to run, e.g. {' '.join(BASELINES)} "
                              f"(default: {' '.join(DEFAULT_METHODS)})")

@@ -3,7 +3,7 @@ that file or a script. From the ground up (a module imports only those above it)
 
     settings, errors             constants and recipes; one-line errors
     processes, files             children that die with their parent; atomic output files
-    data, forget, models         CIFAR-10 on the device; forget/retain splits; ResNet-50 and ViT-S/4
+    data, forget, models         CIFAR-10 on the device; forget/retain splits; the arch table
     pruning, adapters            structured L2 pruning; LoRA through peft
     training, baselines          the one training loop; the baselines' losses and saliency
     metrics, measure             UA/RA/TA/MIA; warm-up, RTE, peak memory, accuracy curves

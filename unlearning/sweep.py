@@ -35,9 +35,13 @@ from .units import RUNS_DIR, Run, make_run, unit_name
 # Seconds a run is expected to take (training and evaluation) before one of its kind was timed on this
 # device: conservative guesses per preset and arch, for --time-budget.
 DEFAULT_RUN_SECONDS = {
+    ("full", "resnet18"): {"scratch": 3600, "method": 300},
     ("full", "resnet50"): {"scratch": 1800, "method": 300},
+    ("full", "vgg16_bn"): {"scratch": 3600, "method": 300},
     ("full", "vit"): {"scratch": 3600, "method": 300},
+    ("smoke", "resnet18"): {"scratch": 60, "method": 30},
     ("smoke", "resnet50"): {"scratch": 60, "method": 30},
+    ("smoke", "vgg16_bn"): {"scratch": 60, "method": 30},
     ("smoke", "vit"): {"scratch": 60, "method": 30},
 }
 # Estimates from bench.py's rows: its runs are short and warmed up, so the training and evaluation time they

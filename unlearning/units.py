@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .checkpoints import weights_path
 from .errors import UserError
-from .settings import ARCHS, RESULTS_DIR
+from .models import ARCHS
+from .settings import RESULTS_DIR
 
 RUNS_DIR = RESULTS_DIR / "runs"
 
@@ -82,7 +83,8 @@ def make_run(arch, method, seed, args, spec):
 
 
 def plan_units(args, spec):
-    """Every unit in priority order: resnet50 before vit, seeds in order, a seed's methods unit before its retrain."""
+    """Every unit in priority order: archs in the arch table's order, seeds in order, a seed's methods unit before
+    its retrain."""
     units = []
     for arch in sorted(args.arch, key=ARCHS.index):
         for seed in sorted(args.seeds):
