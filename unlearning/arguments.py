@@ -132,8 +132,8 @@ def add_described_arguments(parser):
     for field, spec in DESCRIBED_FIELDS.items():
         default = f"default: {spec.default}" if spec.default else "needed for weights that do not say it"
         parser.add_argument(spec.flag, dest=field, choices=spec.choices,
-                            help=f"{spec.help}, for weights without this project's meta; a file's own meta wins "
-                                 f"and a flag that contradicts it is an error ({default})")
+                            help=f"{spec.help}; a file's own meta wins, and a flag that contradicts it is an "
+                                 f"error ({default})")
 
 
 def add_prune_arguments(parser):

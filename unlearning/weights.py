@@ -42,8 +42,9 @@ class DescribedField:
 # error; for a file without it (a plain state dict) the flag, else the default, describes it. A new field (say the
 # dataset a model was trained on) is one more row here: evaluate.py and export.py get its flag from this table.
 DESCRIBED_FIELDS = {
-    "arch": DescribedField("--arch", ARCHS, None, "model the weights are for"),
-    "preset": DescribedField("--preset", PRESETS, "full", "size the weights are for: full or the smoke preset's"),
+    "arch": DescribedField("--arch", ARCHS, None, "the model of weights without this project's meta"),
+    "preset": DescribedField("--preset", PRESETS, "full",
+                             "the size of weights without this project's meta: full, or the smoke preset's"),
 }
 
 
