@@ -11,6 +11,8 @@ metadata (by the file's suffix).
 """
 import io
 import json
+import pickletools
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,11 +108,16 @@ def load_pickled(path):
 
 
 def unsafe_globals(path):
-    """The classes and functions a torch.save file would need to run, read without running them ([] if none)."""
+    """The classes and functions a torch.save file would need to run, read without running them ([] if none), in
+    the order the pickle names them: a whole model's own class comes first."""
     try:
-        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        with zipfile.ZipFile(path) as archive:
+            pickled = archive.read(next(name for name in archive.namelist() if name.endswith("/data.pkl")))
+        named = [arg.replace(" ", ".") for opcode, arg, _ in pickletools.genops(pickled) if opcode.name == "GLOBAL"]
     except Exception:
         return []
+    return [*dict.fromkeys(name for name in named if name in unsafe), *sorted(unsafe - set(named))]
 
 
 def is_state_dict(value):
