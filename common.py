@@ -6,7 +6,8 @@
 Here a script finds CIFAR-10 loading (`load_cifar10`, `Batches`), forget-class filtering (`make_splits`,
 `ForgetSpec`), structured L2 pruning (`prune`, `prune_physically`), LoRA (`add_lora`), the training loop
 (`train`), the method runner (`run_method`, `run_from_scratch`, `Context`), checkpoints (`save_checkpoint`,
-`load_checkpoint`, `weights_path`), the metrics (`evaluate_model`, `mia_efficacy`) and the argument helpers.
+`load_checkpoint`, `weights_path`), weights from anywhere (`read_weights`, `described_by`), the metrics
+(`evaluate_model`, `mia_efficacy`) and the argument helpers.
 The code lives in the package `unlearning/`, one idea per module; this file only hands its names on. The sweep,
 its launchers, the cost model and the representation-level metrics are imported from the package where used
 (`from unlearning import sweep`), so that a script pays for none of them.
@@ -16,6 +17,7 @@ from unlearning.arguments import (
     OneLineParser,
     add_batchnorm_argument,
     add_common_arguments,
+    add_described_arguments,
     add_device_argument,
     add_forget_arguments,
     add_lora_arguments,
@@ -58,6 +60,7 @@ from unlearning.checkpoints import (
     device_name,
     library_versions,
     load_checkpoint,
+    model_from_weights,
     name_settings,
     save_checkpoint,
     setting_text,
@@ -169,4 +172,12 @@ from unlearning.training import (
     seed_everything,
     train,
     train_from_scratch,
+)
+from unlearning.weights import (
+    DESCRIBED_FIELDS,
+    SAFETENSORS_SUFFIX,
+    DescribedField,
+    described_by,
+    read_weights,
+    resolve_meta,
 )

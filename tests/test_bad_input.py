@@ -39,6 +39,16 @@ def truncated_copy(source, target):
     truncate(Path(target))
 
 
+def save_plain(source, target):
+    """The bare state dict of the checkpoint at source, as torch.save(model.state_dict(), target) writes it."""
+    torch.save(torch.load(source, weights_only=True)["model"], target)
+
+
+def save_safetensors(source, target):
+    model, meta = common.load_checkpoint(source)
+    common.save_checkpoint(target, model, meta)
+
+
 SETUPS = {
     "truncated batch": lambda: truncate(BATCHES / "data_batch_1"),
     "list pickle": lambda: rewrite_batch(BATCHES / "test_batch", lambda batch: [1, 2, 3]),
@@ -52,6 +62,12 @@ SETUPS = {
     "smoke weights, full meta": lambda: save_with_meta("wrong-preset.pth", "resnet50", "full"),
     "unknown arch": lambda: save_with_meta("alien.pth", "vit", "smoke", meta_arch="alexnet"),
     "bad forget meta": lambda: save_with_meta("bad-forget.pth", "vit", "smoke", forget={"classes": 3}),
+    "vit state dict": lambda: save_plain(common.weights_path("vit", "original", "smoke"), "vit-plain.pth"),
+    "plain state dict": lambda: save_plain("keep.pth", "plain.pth"),
+    "pickled model": lambda: torch.save(common.build_model("resnet50", "smoke"), "whole.pth"),
+    "truncated state dict": lambda: (save_plain("keep.pth", "plain.pth"), truncate(Path("plain.pth"))),
+    "truncated safetensors": lambda: (save_safetensors("keep.pth", "keep.safetensors"),
+                                      truncate(Path("keep.safetensors"))),
 }
 
 
@@ -101,15 +117,34 @@ CASES = [
     ("pretrain.py", SMOKE, "label count", 1, "data_batch_4 is not a CIFAR-10 batch"),
     ("pretrain.py", SMOKE, "float pixels", 1, "expected uint8"),
     ("finetune.py", [*SMOKE, "--weights", "garbage.pth"], "garbage checkpoint", 1,
-     "garbage.pth is not a checkpoint of this project"),
+     "garbage.pth is not a checkpoint torch can read (UnpicklingError)"),
     ("evaluate.py", ["half.pth", "--data", "data"], "truncated checkpoint", 1, "half.pth is not a checkpoint"),
     ("evaluate.py", ["mislabelled.pth", "--data", "data"], "vit weights, resnet50 meta", 1,
-     "mislabelled.pth is not a checkpoint of arch resnet50 (smoke preset): "),
+     "mislabelled.pth does not fit arch resnet50, preset smoke: tensors "),
     ("evaluate.py", ["wrong-preset.pth", "--data", "data"], "smoke weights, full meta", 1,
-     "not a checkpoint of arch resnet50 (full preset): "),
-    ("evaluate.py", ["alien.pth", "--data", "data"], "unknown arch", 1, "unknown arch or preset ('alexnet'"),
-    ("evaluate.py", ["bad-forget.pth", "--data", "data"], "bad forget meta", 1, "is not a checkpoint of this project"),
+     "does not fit arch resnet50, preset full: tensors "),
+    ("evaluate.py", ["alien.pth", "--data", "data"], "unknown arch", 1, "names an unknown arch 'alexnet'"),
+    ("evaluate.py", ["bad-forget.pth", "--data", "data"], "bad forget meta", 1,
+     "bad-forget.pth has a malformed meta of this project"),
     ("pruneft.py", [*SMOKE, "--weights", "missing.pth"], None, 1, "no original model at missing.pth"),
+    ("finetune.py", [*SMOKE, "--weights", "vit-plain.pth"], "vit state dict", 1,
+     "vit-plain.pth does not fit arch resnet50, preset smoke: tensors "),
+    ("evaluate.py", ["vit-plain.pth", "--arch", "resnet50", "--preset", "smoke", "--data", "data"], "vit state dict",
+     1, "does not fit arch resnet50, preset smoke: tensors "),
+    ("evaluate.py", ["plain.pth", "--data", "data"], "plain state dict", 1,
+     "plain.pth does not say its arch (it has no meta of this project): pass --arch"),
+    ("evaluate.py", ["keep.pth", "--arch", "vit", "--data", "data"], None, 1,
+     "keep.pth: its meta says arch resnet50, not vit as --arch says"),
+    ("finetune.py", [*SMOKE, "--weights", "whole.pth"], "pickled model", 1,
+     "whole.pth holds pickled Python objects (unlearning.models.SlimResNet"),
+    ("evaluate.py", ["whole.pth", "--data", "data"], "pickled model", 1, "torch.save(model.state_dict(), PATH)"),
+    ("finetune.py", [*SMOKE, "--weights", "plain.pth"], "truncated state dict", 1,
+     "plain.pth is not a checkpoint torch can read"),
+    ("evaluate.py", ["keep.safetensors", "--data", "data"], "truncated safetensors", 1,
+     "keep.safetensors is not a safetensors file that can be read"),
+    ("export.py", ["keep.pth", "vit-plain.pth", "--arch", "resnet50", "--preset", "smoke"], "vit state dict", 1,
+     "vit-plain.pth does not fit arch resnet50"),
+    ("export.py", ["keep.pth", "--out", "keep.pth"], None, 1, "an export is a .safetensors file"),
     ("ga.py", [*SMOKE, "--lr", "1e30", "--epochs", "3", "--out", "keep.pth"], None, 3,
      "training diverged (ga): the loss became"),
 ]

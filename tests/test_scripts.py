@@ -79,7 +79,7 @@ def test_weights_of_the_other_arch_are_refused_and_nothing_is_overwritten(origin
     out.write_bytes(b"precious")
     assert run_script("pruneft.py", "--arch", "resnet50", "--preset", "smoke", "--data", cifar_dir,
                       "--weights", original_weights("vit"), "--out", out) == 1
-    assert "holds a vit model, not resnet50" in one_line_error(capsys)
+    assert "its meta says arch vit, not resnet50 as --arch says" in one_line_error(capsys)
     assert out.read_bytes() == b"precious"
 
 

@@ -7,6 +7,7 @@ that file or a script. From the ground up (a module imports only those above it)
     pruning, adapters            structured L2 pruning; LoRA through peft
     training, baselines          the one training loop; the baselines' losses and saliency
     metrics, measure             UA/RA/TA/MIA; warm-up, RTE, peak memory, accuracy curves
+    weights                      weights from any file (wrappers, prefixes, .safetensors); fields flags describe
     checkpoints, evaluation      saving, loading, naming; one checkpoint's metrics and tables
     arguments, scripts           flag helpers; the command-line runner, run_method, run_from_scratch
     representation               Probe-UA, CKA and relearn time

@@ -16,6 +16,7 @@ from .settings import (
     PRUNE_MODES,
     preset_recipe,
 )
+from .weights import DESCRIBED_FIELDS
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -119,7 +120,20 @@ def add_seed_argument(parser, what):
 
 
 def add_weights_argument(parser):
-    parser.add_argument("--weights", help="original model to unlearn from (default: model_weights/{arch}_original.pth)")
+    parser.add_argument("--weights", help="original model to unlearn from: a checkpoint of this project, a plain or "
+                                          "wrapped state dict (.pth) or a .safetensors file; --arch and --preset "
+                                          "describe one without this project's meta (default: "
+                                          "model_weights/{arch}_original.pth)")
+
+
+def add_described_arguments(parser):
+    """One flag per weights.DESCRIBED_FIELDS field (--arch, --preset, ...), for weights without this project's meta
+    (evaluate.py, export.py); left out, a flag says nothing."""
+    for field, spec in DESCRIBED_FIELDS.items():
+        default = f"default: {spec.default}" if spec.default else "needed for weights that do not say it"
+        parser.add_argument(spec.flag, dest=field, choices=spec.choices,
+                            help=f"{spec.help}; a file's own meta wins, and a flag that contradicts it is an "
+                                 f"error ({default})")
 
 
 def add_prune_arguments(parser):

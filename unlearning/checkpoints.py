@@ -1,8 +1,8 @@
-"""Checkpoints {"model": state_dict, "meta": {...}}: atomic saving, checked loading and default file names."""
+"""Checkpoints {"model": state_dict, "meta": {...}}: atomic saving, checked loading into a model (of weights from
+anywhere, see weights.py) and default file names."""
 import functools
 import hashlib
 import importlib.metadata
-import io
 import re
 from pathlib import Path
 
@@ -12,9 +12,10 @@ import torchvision
 from .errors import UserError
 from .files import write_bytes
 from .forget import ForgetSpec
-from .models import ARCHS, build_model
+from .models import build_model
 from .pruning import resize_to_state
-from .settings import PRESETS, WEIGHTS_DIR
+from .settings import WEIGHTS_DIR
+from .weights import DESCRIBED_FIELDS, read_weights, resolve_meta, weights_bytes
 
 
 def library_versions():
@@ -38,60 +39,74 @@ def device_name(device):
 
 
 def save_checkpoint(path, model, meta):
-    """Write {"model": state_dict, "meta": meta} atomically (files.atomic_write).
+    """Write {"model": state_dict, "meta": meta} atomically (files.atomic_write); a path ending in .safetensors gets
+    a safetensors file with meta in its metadata (weights.weights_bytes).
 
-    torch.save writes to memory first: a write error it met itself would surface as an unexplained RuntimeError,
-    one of atomic_write's own is a one-line error naming the path and the cause (no space, read-only)."""
+    The file is made in memory first: a write error torch.save met itself would surface as an unexplained
+    RuntimeError, one of atomic_write's own is a one-line error naming the path and the cause (no space, read-only)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    buffer = io.BytesIO()
-    torch.save({"model": state, "meta": meta}, buffer)
-    write_bytes(path, buffer.getbuffer())
+    write_bytes(path, weights_bytes(path, state, meta))
 
 
-def load_checkpoint(path, device="cpu", arch=None):
-    """(model, meta) from a checkpoint written by save_checkpoint; arch, if given, must match.
+def load_checkpoint(path, device="cpu", **described):
+    """(model, meta) from weights of any kind weights.read_weights reads: this project's checkpoints, plain or
+    wrapped state dicts, .safetensors files.
 
-    Every way the file can be wrong (unreadable, not a checkpoint, malformed meta, weights that do not fit the
-    arch its meta names) is a one-line UserError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}")
+    described ({field: value or None}, fields of weights.DESCRIBED_FIELDS such as arch="vit") says what a file
+    without our meta does not; where the file's meta says it, a described value must agree. Every way the file can
+    be wrong (unreadable, a pickled object, a malformed meta, weights that do not fit the arch) is a one-line
+    UserError naming the file."""
+    state, meta = read_weights(path)
+    return model_from_weights(path, state, meta, device, **described)
+
+
+def model_from_weights(path, state, meta, device="cpu", **described):
+    """(model, meta) of a state dict and meta read from path (see load_checkpoint); meta comes back with every
+    described field filled (weights.resolve_meta)."""
+    unknown = set(described) - set(DESCRIBED_FIELDS)
+    if unknown:
+        raise TypeError(f"not a described field: {', '.join(sorted(unknown))}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        state, meta = checkpoint["model"], checkpoint["meta"]
-        meta_arch, preset = meta["arch"], meta.get("preset", "full")
-        if meta.get("forget"):
+        if meta is not None and meta.get("forget"):
             ForgetSpec.from_dict(meta["forget"])
     except Exception as error:
-        raise UserError(f"{path} is not a checkpoint of this project ({type(error).__name__})") from None
-    if meta_arch not in ARCHS or preset not in PRESETS:
-        raise UserError(f"{path} names an unknown arch or preset ({meta_arch!r}, {preset!r})")
-    if arch is not None and meta_arch != arch:
-        raise UserError(f"{path} holds a {meta_arch} model, not {arch}: pass --arch {meta_arch} or other weights")
-    model = build_model(meta_arch, preset)
+        raise UserError(f"{path} has a malformed meta of this project ({type(error).__name__})") from None
+    own_meta = meta is not None
+    meta = resolve_meta(path, meta, described)
+    arch, preset, physical = meta["arch"], meta["preset"], meta.get("prune_mode") == "physical"
+    model = build_model(arch, preset)
     try:
-        if meta.get("prune_mode") == "physical":
+        if physical:
             resize_to_state(model, state)
         model.load_state_dict(state)
     except Exception:
-        raise UserError(f"{path} is not a checkpoint of arch {meta_arch} ({preset} preset"
-                        f"{', physically pruned' if meta.get('prune_mode') == 'physical' else ''}): "
-                        f"{state_mismatch(build_model(meta_arch, preset), state)}") from None
+        fields = ", ".join(f"{field} {meta[field]}" for field in DESCRIBED_FIELDS)
+        flags = "/".join(spec.flag for spec in DESCRIBED_FIELDS.values())
+        hint = "" if own_meta else f" (describe the file with {flags})"
+        raise UserError(f"{path} does not fit {fields}{' (physically pruned)' if physical else ''}: "
+                        f"{state_mismatch(build_model(arch, preset), state)}{hint}") from None
     return model.to(device), meta
 
 
 def state_mismatch(model, state):
-    """A short description of how state differs from model's state dict: counts and one example."""
-    if not isinstance(state, dict):
-        return f"its weights are a {type(state).__name__}, not a state dict"
+    """How state differs from model's state dict: the count of missing, unexpected and mis-shaped tensors, with
+    one example of each."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [k for k in expected if k in state and getattr(state[k], "shape", None) != expected[k].shape]
-    parts = [f"{len(keys)} {what}" for keys, what in ((missing, "missing"), (unexpected, "unexpected"),
-                                                       (shapes, "mis-shaped")) if keys]
-    example = (missing or unexpected or shapes or ["?"])[0]
-    return f"{', '.join(parts) or 'incompatible'} tensors (e.g. {example})"
+    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    parts = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in ((missing, "missing"),
+                                                                       (unexpected, "unexpected"))
+             if keys]
+    if shapes:
+        shape = shapes[0]
+        parts.append(f"{len(shapes)} of another shape (e.g. {shape}: {shape_text(state[shape])} in the file, "
+                     f"{shape_text(expected[shape])} in the model)")
+    return f"tensors {', '.join(parts)}" if parts else "tensors that do not load"
+
+
+def shape_text(tensor):
+    return "x".join(map(str, tensor.shape)) or "scalar"
 
 
 def weights_path(arch, method, preset="full", spec=None, seed=None, settings=None):

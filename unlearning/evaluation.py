@@ -6,18 +6,19 @@ from .metrics import evaluate_model, run_now
 
 
 def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cache=None, extra_metrics=None,
-                        submit=run_now):
+                        submit=run_now, described=None):
     """Metrics of one checkpoint as a dict with keys path, arch, method, UA, RA, TA, MIA_efficacy, RTE_s,
     peak_gpu_mem_mb (and forget, seed, preset). The forget setting is the checkpoint's unless spec is given;
     a checkpoint without one (the original model) is scored on the default (class 3). The MIA draws its
     samples with the seed recorded in the checkpoint unless seed is given.
     extra_metrics(model, meta, data, splits, spec, seed) -> dict adds further metrics (unlearning.representation's).
-    The MIA's SVC goes through submit (see evaluate_model)."""
-    model, meta = load_checkpoint(path, device)
+    The MIA's SVC goes through submit (see evaluate_model). described ({field: value}, e.g. {"arch": "vit"}) says
+    what weights without this project's meta do not (see load_checkpoint)."""
+    model, meta = load_checkpoint(path, device, **(described or {}))
     if seed is None:
         seed = meta.get("seed") or 0
     spec = spec or (ForgetSpec.from_dict(meta["forget"]) if meta.get("forget") else ForgetSpec())
-    preset = meta.get("preset", "full")
+    preset = meta["preset"]
     cache = {} if data_cache is None else data_cache
     if (data_root, preset) not in cache:
         cache[(data_root, preset)] = load_cifar10(data_root, device, preset)

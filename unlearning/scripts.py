@@ -33,6 +33,7 @@ from .models import PRETRAIN_RECIPES, build_model, to_device
 from .pruning import model_cost, prune
 from .settings import PAPER_RECIPE, PRETRAIN_OPTIONS, preset_recipe
 from .training import deterministic_mode, seed_everything, train, train_from_scratch
+from .weights import described_by
 
 _cli_depth = 0
 
@@ -152,6 +153,9 @@ def run_method(method, unlearn, doc, argv=None, add_arguments=None, fit=train_on
 def unlearn_and_save(args, unlearn, fit=train_on_retain, settings=None):
     """Load the original model and data, unlearn and fit, then save; every input is checked before training.
 
+    The original is any weights load_checkpoint reads (--weights); the script's --arch and --preset describe a file
+    without this project's meta and must agree with one that has it.
+
     settings: the non-default model-changing flags (name_settings), named in the default output path."""
     spec = forget_spec_from_args(args) or ForgetSpec()
     out = check_out_path(args, weights_path(args.arch, args.method, args.preset, spec, settings=settings))
@@ -161,10 +165,7 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain, settings=None):
         raise UserError(f"no original model at {source}: run `python pretrain.py --arch {args.arch}{smoke}` first, "
                         f"or pass --weights PATH")
     device = torch.device(args.device)
-    model, source_meta = load_checkpoint(source, device, arch=args.arch)
-    model = to_device(model, device)
-    if source_meta.get("preset", "full") != args.preset:
-        raise UserError(f"{source} was trained with --preset {source_meta.get('preset')}, not {args.preset}")
+    model = to_device(load_checkpoint(source, device, **described_by(args))[0], device)
     data = load_cifar10(args.data, device, args.preset)
     splits = make_splits(data.train_labels, data.test_labels, spec)
     check_splits(splits, spec, args.data)
