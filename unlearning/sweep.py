@@ -33,7 +33,7 @@ from .runners import free_memory, run_in_process, run_script
 from .units import RUNS_DIR, Run, make_run, unit_name
 
 # Seconds a run is expected to take (training and evaluation) before one of its kind was timed on this
-# device: conservative guesses per preset and arch, for --time-budget.
+# device: conservative guesses per preset and arch (resnet50's for an arch not listed), for --time-budget.
 DEFAULT_RUN_SECONDS = {
     ("full", "resnet50"): {"scratch": 1800, "method": 300},
     ("full", "vit"): {"scratch": 3600, "method": 300},
@@ -203,7 +203,9 @@ class Sweep:
             elif (seconds := self.bench_seconds(run)) is not None:
                 source = "bench"
             else:
-                seconds = DEFAULT_RUN_SECONDS[(self.args.preset, run.arch)]["scratch" if run.from_scratch else "method"]
+                guess = DEFAULT_RUN_SECONDS.get((self.args.preset, run.arch), DEFAULT_RUN_SECONDS[(self.args.preset,
+                                                                                                  "resnet50")])
+                seconds = guess["scratch" if run.from_scratch else "method"]
                 source = "default"
             total += seconds
             sources.add(source)
@@ -350,7 +352,10 @@ class Sweep:
         metrics = representation.evaluate_checkpoint(run.checkpoint, self.args.data, self.args.device, self.spec,
                                                      run.seed, data_only, **options)
         meta = torch.load(run.checkpoint, map_location="cpu", weights_only=True, mmap=True)["meta"]
-        record = {**metrics, "unit": unit_name(run.arch, run.seed, "retrain" if run.method == "retrain" else "methods"),
+        benchmark = getattr(self.args, "benchmark", None)
+        kind = "retrain" if run.method == "retrain" else "methods"
+        record = {**metrics, "method": run.method, "unit": unit_name(run.arch, run.seed, kind, benchmark),
+                  **({"benchmark": benchmark} if benchmark else {}),
                   "device": meta.get("device"), "created": meta.get("created"), "data_label": self.args.data_label,
                   "fingerprint": self.expected(run, None if run.from_scratch else original_hash)}
         if run.method == "original":
