@@ -92,7 +92,22 @@ from unlearning.files import (
 from unlearning.forget import ForgetSpec, Splits, check_splits, forget_spec_from_args, make_splits
 from unlearning.measure import AccuracyCurve, Measure, default_eval_every, warm_up, warm_up_on
 from unlearning.metrics import METRIC_KEYS, accuracy, evaluate_model, mia_efficacy, predict, resolved, run_now
-from unlearning.models import SlimResNet, build_model, count_parameters, is_channels_last, keep_layout, to_device
+from unlearning.models import (
+    ARCHITECTURES,
+    ARCHS,
+    LORA_DEFAULTS,
+    PAPER_ARCHS,
+    PRETRAIN_RECIPES,
+    VGG,
+    Architecture,
+    SlimResNet,
+    architecture,
+    build_model,
+    count_parameters,
+    is_channels_last,
+    keep_layout,
+    to_device,
+)
 from unlearning.processes import check_parent_alive, start_child
 from unlearning.pruning import (
     batchnorm_after,
@@ -118,7 +133,6 @@ from unlearning.scripts import (
     unlearn_and_save,
 )
 from unlearning.settings import (
-    ARCHS,
     BASELINE_SGD,
     BATCHNORM_MODES,
     CIFAR_MEAN,
@@ -129,13 +143,11 @@ from unlearning.settings import (
     EVAL_BATCH_SIZE,
     GPU_SHAPED_ENV,
     IMAGE_SIZE,
-    LORA_DEFAULTS,
     MIA_MAX_SAMPLES,
     NUM_CLASSES,
     PAPER_RECIPE,
     PRESETS,
     PRETRAIN_OPTIONS,
-    PRETRAIN_RECIPES,
     PRUNE_AMOUNT,
     PRUNE_MODES,
     RESULTS_DIR,

@@ -141,7 +141,7 @@ def apply_benchmark(args):
     """The forget setting of this call; under --benchmark, also the benchmark's arch and methods in args (--methods
     picks among its methods). Flags that would change the benchmark's setting are refused."""
     if not args.benchmark:
-        args.arch = args.arch or list(common.ARCHS)
+        args.arch = args.arch or list(common.PAPER_ARCHS)
         args.methods = args.methods or list(DEFAULT_METHODS)
         check_methods(args.methods)
         return common.forget_spec_from_args(args) or common.ForgetSpec()
@@ -514,7 +514,7 @@ def comparison_notes(runs, summary):
 def parse_args(argv):
     parser = common.make_parser(__doc__)
     parser.add_argument("--arch", nargs="+", choices=common.ARCHS,
-                        help=f"models to run (default: {' '.join(common.ARCHS)})")
+                        help=f"models to run (default: the paper's, {' '.join(common.PAPER_ARCHS)})")
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
                         help=f"unlearning scripts {{METHOD}}.py to run, e.g. {' '.join(BASELINES)} "
                              f"(default: {' '.join(DEFAULT_METHODS)}; under --benchmark, the benchmark's methods)")

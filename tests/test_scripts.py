@@ -13,7 +13,7 @@ METHODS = ["finetune", "pruneft", "lora", "loraprune"]
 JSON_KEYS = {"path", "arch", "method", "UA", "RA", "TA", "MIA_efficacy", "RTE_s", "peak_gpu_mem_mb"}
 
 
-@pytest.mark.parametrize("arch", ["resnet50", "vit"])
+@pytest.mark.parametrize("arch", common.ARCHS)
 def test_every_script_runs_and_evaluate_reads_what_it_wrote(arch, cifar_dir, workdir):
     smoke = ["--arch", arch, "--preset", "smoke", "--data", cifar_dir]
     assert run_script("pretrain.py", *smoke) == 0

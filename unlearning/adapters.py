@@ -6,9 +6,8 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from .errors import UserError
-from .models import is_channels_last, keep_layout
+from .models import LORA_DEFAULTS, is_channels_last, keep_layout
 from .pruning import make_masks_permanent, output_mask, pruned_layers
-from .settings import LORA_DEFAULTS
 
 
 @dataclass

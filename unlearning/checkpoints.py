@@ -12,9 +12,9 @@ import torchvision
 from .errors import UserError
 from .files import write_bytes
 from .forget import ForgetSpec
-from .models import build_model
+from .models import ARCHS, build_model
 from .pruning import resize_to_state
-from .settings import ARCHS, PRESETS, WEIGHTS_DIR
+from .settings import PRESETS, WEIGHTS_DIR
 
 
 def library_versions():

@@ -16,7 +16,8 @@ import torch
 
 from .checkpoints import device_name, library_versions
 from .errors import DamagedFile
-from .settings import ARCHS, PAPER_RECIPE, PRESETS, PRETRAIN_RECIPES, REPOSITORY, preset_recipe
+from .models import ARCHS, PRETRAIN_RECIPES
+from .settings import PAPER_RECIPE, PRESETS, REPOSITORY, preset_recipe
 
 # What a record must share with the plan to be reused; a difference in any of them makes it stale. Code
 # version, device and library versions are recorded and shown in the tables, but do not make a record stale.

@@ -29,9 +29,9 @@ from .files import written
 from .forget import ForgetSpec, Splits, check_splits, forget_spec_from_args, make_splits
 from .measure import AccuracyCurve, Measure, default_eval_every, warm_up_on
 from .metrics import accuracy, predict
-from .models import build_model, to_device
+from .models import PRETRAIN_RECIPES, build_model, to_device
 from .pruning import model_cost, prune
-from .settings import PAPER_RECIPE, PRETRAIN_OPTIONS, PRETRAIN_RECIPES, preset_recipe
+from .settings import PAPER_RECIPE, PRETRAIN_OPTIONS, preset_recipe
 from .training import deterministic_mode, seed_everything, train, train_from_scratch
 
 _cli_depth = 0

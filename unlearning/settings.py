@@ -1,5 +1,6 @@
 """Constants and recipes, named once: the data's shape and normalisation, the paper's unlearning recipe,
-the from-scratch recipes, LoRA and pruning defaults, the smoke preset, and the switch to the GPU's code paths."""
+the from-scratch recipes' options, pruning defaults, the smoke preset, and the switch to the GPU's code paths. Each
+arch's own settings (builder, pruning and LoRA targets, from-scratch recipe) are its row in models.ARCHITECTURES."""
 import contextlib
 import os
 from pathlib import Path
@@ -11,7 +12,6 @@ IMAGE_SIZE = 32
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2471, 0.2435, 0.2616)
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-ARCHS = ("resnet50", "vit")
 PRESETS = ("full", "smoke")
 DEFAULT_FORGET_CLASS = 3
 REPOSITORY = Path(__file__).resolve().parent.parent  # the scripts and requirements.txt
@@ -21,24 +21,15 @@ RESULTS_DIR = Path("results")
 PAPER_RECIPE = {"epochs": 5, "lr": 1e-3, "batch_size": 128}
 # The baselines' optimizer in their official code (Unlearn-Sparse / SalUn arg_parser.py, SCRUB's notebooks).
 BASELINE_SGD = {"momentum": 0.9, "weight_decay": 5e-4}
-# Training from scratch (pretrain.py, retrain.py): random crop + flip, label smoothing, one-cycle schedule.
-PRETRAIN_RECIPES = {
-    "resnet50": {"epochs": 60, "lr": 0.2, "batch_size": 512, "optimizer": "sgd", "weight_decay": 5e-4,
-                 "label_smoothing": 0.1, "warmup_fraction": 0.15},
-    "vit": {"epochs": 200, "lr": 1e-3, "batch_size": 512, "optimizer": "adamw", "weight_decay": 0.05,
-            "label_smoothing": 0.1, "warmup_fraction": 0.05},
-}
 # Optional PRETRAIN_RECIPES keys and the values that leave them off: a recipe without them trains exactly as before.
 # mixup_alpha / cutmix_alpha: Beta(alpha, alpha) of mixup / cutmix (0: off); mix_prob: share of batches mixed;
-# switch_prob: share of mixed batches that use cutmix when both are on (see mix_batch); compile: torch.compile.
-PRETRAIN_OPTIONS = {"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0, "switch_prob": 0.5, "compile": False}
+# switch_prob: share of mixed batches that use cutmix when both are on (see mix_batch); compile: torch.compile;
+# nesterov: Nesterov momentum of the "sgd" optimizer; lr_milestones: instead of the one-cycle schedule, the lr times
+# 0.1 after each of these shares of the epochs (a multi-step schedule; None: one-cycle).
+PRETRAIN_OPTIONS = {"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0, "switch_prob": 0.5, "compile": False,
+                    "nesterov": True, "lr_milestones": None}
 # A tiny configuration that runs every script end to end on a CPU in seconds.
 SMOKE = {"train_per_class": 30, "test_per_class": 10, "epochs": 1, "pretrain_epochs": 3, "batch_size": 64}
-# LoRA defaults per arch: rank, alpha, dropout, target-module regex, modules trained in full.
-LORA_DEFAULTS = {
-    "resnet50": {"rank": 8, "alpha": 16, "dropout": 0.1, "targets": r"layer\d\.\d+\.conv[123]", "train_full": ["fc"]},
-    "vit": {"rank": 16, "alpha": 32, "dropout": 0.1, "targets": r"blocks\.{last}\.attn\.proj|head", "train_full": []},
-}
 PRUNE_AMOUNT = 0.5
 PRUNE_MODES = ("mask", "physical")
 BATCHNORM_MODES = ("train", "frozen")

@@ -33,11 +33,15 @@ from .runners import free_memory, run_in_process, run_script
 from .units import RUNS_DIR, Run, make_run, unit_name
 
 # Seconds a run is expected to take (training and evaluation) before one of its kind was timed on this
-# device: conservative guesses per preset and arch (resnet50's for an arch not listed), for --time-budget.
+# device: conservative guesses per preset and arch, for --time-budget.
 DEFAULT_RUN_SECONDS = {
+    ("full", "resnet18"): {"scratch": 3600, "method": 300},
     ("full", "resnet50"): {"scratch": 1800, "method": 300},
+    ("full", "vgg16_bn"): {"scratch": 3600, "method": 300},
     ("full", "vit"): {"scratch": 3600, "method": 300},
+    ("smoke", "resnet18"): {"scratch": 60, "method": 30},
     ("smoke", "resnet50"): {"scratch": 60, "method": 30},
+    ("smoke", "vgg16_bn"): {"scratch": 60, "method": 30},
     ("smoke", "vit"): {"scratch": 60, "method": 30},
 }
 # Estimates from bench.py's rows: its runs are short and warmed up, so the training and evaluation time they
@@ -203,9 +207,7 @@ class Sweep:
             elif (seconds := self.bench_seconds(run)) is not None:
                 source = "bench"
             else:
-                guess = DEFAULT_RUN_SECONDS.get((self.args.preset, run.arch), DEFAULT_RUN_SECONDS[(self.args.preset,
-                                                                                                  "resnet50")])
-                seconds = guess["scratch" if run.from_scratch else "method"]
+                seconds = DEFAULT_RUN_SECONDS[(self.args.preset, run.arch)]["scratch" if run.from_scratch else "method"]
                 source = "default"
             total += seconds
             sources.add(source)

@@ -150,13 +150,11 @@ def train_from_scratch(model, data, idx, recipe, seed, desc="pretrain", curve=No
     batches = Batches(data.train_images, data.train_labels, idx, recipe["batch_size"], seed=seed, augment=True)
     params = [p for p in model.parameters() if p.requires_grad]
     if recipe["optimizer"] == "sgd":
-        optimizer = torch.optim.SGD(params, lr=recipe["lr"], momentum=0.9, nesterov=True,
+        optimizer = torch.optim.SGD(params, lr=recipe["lr"], momentum=0.9, nesterov=options["nesterov"],
                                     weight_decay=recipe["weight_decay"])
     else:
         optimizer = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe["lr"],
-                                                    total_steps=recipe["epochs"] * len(batches),
-                                                    pct_start=recipe["warmup_fraction"])
+    scheduler = lr_schedule(optimizer, options, len(batches))
     smoothing = recipe["label_smoothing"]
     mixing = {key: options[key] for key in ("mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob")}
     mixes = bool(mixing["mixup_alpha"] or mixing["cutmix_alpha"])
@@ -178,6 +176,18 @@ def train_from_scratch(model, data, idx, recipe, seed, desc="pretrain", curve=No
         raise UserError(f"--compile failed ({COMPILE_BACKEND}): {str(error).strip().splitlines()[0]}; "
                         f"run without --compile") from None
     return model
+
+
+def lr_schedule(optimizer, recipe, steps_per_epoch):
+    """The recipe's schedule, stepped once per batch: one-cycle (warm-up over warmup_fraction of the steps), or with
+    lr_milestones the lr times 0.1 after each milestone's share of the epochs, rounded down to a whole epoch (0.5 and
+    0.75 of 182 epochs: after epochs 91 and 136, as Unlearn-Sparse's MultiStepLR)."""
+    if recipe["lr_milestones"]:
+        milestones = [int(share * recipe["epochs"]) * steps_per_epoch for share in recipe["lr_milestones"]]
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe["lr"],
+                                               total_steps=recipe["epochs"] * steps_per_epoch,
+                                               pct_start=recipe["warmup_fraction"])
 
 
 def seed_everything(seed):

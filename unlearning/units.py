@@ -14,7 +14,8 @@ from pathlib import Path
 from .benchmarks import get_benchmark, method_flags, recipe_flags
 from .checkpoints import weights_path
 from .errors import UserError
-from .settings import ARCHS, RESULTS_DIR
+from .models import ARCHS
+from .settings import RESULTS_DIR
 
 RUNS_DIR = RESULTS_DIR / "runs"
 
