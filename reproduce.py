@@ -107,13 +107,6 @@ def summarize(runs):
     return rows
 
 
-def format_stat(stat, digits=2):
-    if stat["mean"] is None:
-        return "-"
-    text = f"{stat['mean']:.{digits}f}"
-    return text if stat["std"] is None else f"{text} ± {stat['std']:.{digits}f}"
-
-
 # ------------------------------------------------------------------------------------------ the sweep
 
 def forget_description(spec):
@@ -300,10 +293,10 @@ def write_markdown(path, title, lines, rows):
     for row in rows:
         cells = {"method": row["method"], "n": row["n"]}
         for key in STAT_KEYS:
-            cells[key] = format_stat(row[key], DIGITS.get(key, 2))
+            cells[key] = comparison.format_stat(row[key], DIGITS.get(key, 2))
         for key in REPRESENTATION_COLUMNS:
             if key in row:
-                cells[key] = format_stat(row[key], DIGITS.get(key, 2))
+                cells[key] = comparison.format_stat(row[key], DIGITS.get(key, 2))
         if "relearn_capped" in row:
             capped = row["relearn_capped"]
             cells["relearn_steps"] = (f"> {capped['max_steps']}" if capped["runs"] == row["n"] else
@@ -496,12 +489,7 @@ def write_benchmark_results(spec, plan):
 
 
 def comparison_notes(runs, summary):
-    notes_ = ["Ours: mean ± sample standard deviation over seeds, each seed its own original model and retrain; "
-              "published: mean ± std as the publication gives them. Δ = our mean - the published mean. Our avg. gap "
-              "is per seed against that seed's retrain, then averaged; 'gap of our means' is the gap of our metric "
-              "means to our retrain's means, as the published avg. gap is computed from its table's means. RTE: "
-              "minutes of the unlearning step on our device, not comparable across machines. How to read a "
-              "difference: docs/reproducing.md."]
+    notes_ = [comparison.READING]
     if runs:
         notes_.append(provenance(runs))
     if any(len(row["gap_seeds"]) < row["n"] for row in summary if row["method"] != "retrain"):

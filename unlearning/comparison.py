@@ -20,6 +20,12 @@ METRICS = {"UA": ("UA", 1.0), "MIA_efficacy": ("MIA_efficacy", 1.0), "RA": ("RA"
 HEADERS = {"UA": "UA %", "MIA_efficacy": "MIA-eff. %", "RA": "RA %", "TA": "TA %", "avg_gap": "avg. gap",
            "RTE_min": "RTE min"}
 PLOTTED = ("UA", "MIA_efficacy", "RA", "TA", "avg_gap")
+READING = ("Ours: mean ± sample standard deviation over seeds, each seed its own original model and retrain; "
+           "published: mean ± std as the publication gives them. Δ = our mean - the published mean. Our avg. gap is "
+           "per seed against that seed's retrain, then averaged; 'gap of our means' is the gap of our metric means to "
+           "our retrain's means, as the published avg. gap is computed from its table's means. RTE: minutes of the "
+           "unlearning step on our device, not comparable across machines. How to read a difference: "
+           "docs/reproducing.md.")
 
 
 def stat(mean=None, std=None):
@@ -88,6 +94,7 @@ def side_by_side(method, published_method, ours, entry, retrain):
 
 
 def format_stat(value, digits=2):
+    """"mean ± std" of {"mean", "std"} ("mean" alone without a std, "-" without a mean)."""
     if value["mean"] is None:
         return "-"
     text = f"{value['mean']:.{digits}f}"
