@@ -168,6 +168,6 @@ def plot(path, title, rows):
         ax.set_xticks(range(len(shown)), names, rotation=40, ha="right", fontsize=8)
         ax.set_title(HEADERS[key])
         ax.grid(axis="y", alpha=0.3)
-    figure.axes[0].legend(fontsize=8, loc="lower left")
+    figure.legend(*figure.axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize=9)
     figure.suptitle(f"{title}\n(dashed: published Retrain, the target)", fontsize=10)
     save_figure(path, figure, dpi=110)
