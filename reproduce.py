@@ -131,12 +131,10 @@ def check_methods(methods):
 
 
 def apply_benchmark(args):
-    """The forget setting of this call; under --benchmark, also the benchmark's arch and methods in args (--methods
-    picks among its methods). Flags that would change the benchmark's setting are refused."""
+    """The forget setting of this call, the methods checked; under --benchmark, also the benchmark's arch and methods in
+    args (--methods picks among its methods). Flags that would change the benchmark's setting are refused."""
     if not args.benchmark:
-        args.arch = args.arch or list(common.PAPER_ARCHS)
-        args.methods = args.methods or list(DEFAULT_METHODS)
-        check_methods(args.methods)
+        check_methods(args.methods or DEFAULT_METHODS)
         return common.forget_spec_from_args(args) or common.ForgetSpec()
     benchmark = benchmarks.get_benchmark(args.benchmark)
     if args.arch or args.forget_class or args.forget_random is not None:
@@ -584,8 +582,8 @@ def resolve_defaults(args):
         if getattr(args, flag) is None:
             setattr(args, flag, args.preset == "full")
     args.seeds = list(dict.fromkeys(args.seeds or DEFAULT_SEEDS))
-    args.arch = list(dict.fromkeys(args.arch))
-    args.methods = list(dict.fromkeys(args.methods))
+    args.arch = list(dict.fromkeys(args.arch or common.PAPER_ARCHS))
+    args.methods = list(dict.fromkeys(args.methods or DEFAULT_METHODS))
 
 
 def interruptible(work, kept):
