@@ -2,6 +2,7 @@
 that file or a script. From the ground up (a module imports only those above it):
 
     settings, errors             constants and recipes; one-line errors
+    benchmarks                   published benchmarks: arch, forget setting, recipes, published values' file
     processes, files             children that die with their parent; atomic output files
     data, forget, models         CIFAR-10 on the device; forget/retain splits; the arch table
     pruning, adapters            structured L2 pruning; LoRA through peft
@@ -14,6 +15,7 @@ that file or a script. From the ground up (a module imports only those above it)
     costs                        counted costs of a training step and an evaluation
     units, records, locks        the sweep's units and runs; run records, fingerprints and schema; unit locks
     runners, sweep, launch       running a step; the sweep behind reproduce.py; its parallel launchers
+    comparison                   a published table set beside ours: differences, markdown, JSON, plot
 
 The package imports nothing on its own, so `from unlearning import launch` stays light (SLURM jobs start fast).
 """

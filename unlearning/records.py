@@ -81,9 +81,12 @@ def script_recipe(script):
 
 
 def recipe(run, preset):
-    """The training recipe the run's script resolves for the sweep's flags: the pretraining recipe, or the method
-    script's own, with the preset's overrides."""
-    base = PRETRAIN_RECIPES[run.arch] if run.from_scratch else script_recipe(run.script)
+    """The training recipe the run's script resolves for the sweep's flags: a benchmark's recipe for the run, else
+    the pretraining recipe or the method script's own, with the preset's overrides."""
+    if run.recipe is not None:
+        base = run.recipe
+    else:
+        base = PRETRAIN_RECIPES[run.arch] if run.from_scratch else script_recipe(run.script)
     return preset_recipe(base, preset, run.from_scratch)
 
 

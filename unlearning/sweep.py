@@ -354,7 +354,10 @@ class Sweep:
         metrics = representation.evaluate_checkpoint(run.checkpoint, self.args.data, self.args.device, self.spec,
                                                      run.seed, data_only, **options)
         meta = torch.load(run.checkpoint, map_location="cpu", weights_only=True, mmap=True)["meta"]
-        record = {**metrics, "unit": unit_name(run.arch, run.seed, "retrain" if run.method == "retrain" else "methods"),
+        benchmark = getattr(self.args, "benchmark", None)
+        kind = "retrain" if run.method == "retrain" else "methods"
+        record = {**metrics, "method": run.method, "unit": unit_name(run.arch, run.seed, kind, benchmark),
+                  **({"benchmark": benchmark} if benchmark else {}),
                   "device": meta.get("device"), "created": meta.get("created"), "data_label": self.args.data_label,
                   "fingerprint": self.expected(run, None if run.from_scratch else original_hash)}
         if run.method == "original":
