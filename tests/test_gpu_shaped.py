@@ -84,15 +84,21 @@ SETUPS = {  # name: (prepare the model, loss, optimizer factory or None for trai
 }
 
 
-@pytest.mark.parametrize("setup", SETUPS)
-def test_train_reads_the_host_only_at_the_divergence_checks(setup, gpu_shaped, monkeypatch):
+def five_steps(setup, monkeypatch):
+    """(model, batches, loss_fn, optimizer or None, before_step or None) of SETUPS[setup]: 5 steps of 8 images, the
+    divergence flag read every 2 steps."""
     prepare, loss_fn, make_optimizer, make_before_step = SETUPS[setup]
     monkeypatch.setattr(training, "DIVERGENCE_CHECK_STEPS", 2)
     model = prepare(smoke_resnet())
     data = tiny_data()
-    batches = common.Batches(data.train_images, data.train_labels, torch.arange(40), batch_size=8)  # 5 steps
-    optimizer = make_optimizer(model) if make_optimizer else None
-    before_step = make_before_step(model) if make_before_step else None
+    batches = common.Batches(data.train_images, data.train_labels, torch.arange(40), batch_size=8)
+    return (model, batches, loss_fn, make_optimizer(model) if make_optimizer else None,
+            make_before_step(model) if make_before_step else None)
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_train_reads_the_host_only_at_the_divergence_checks(setup, gpu_shaped, monkeypatch):
+    model, batches, loss_fn, optimizer, before_step = five_steps(setup, monkeypatch)
     data_module._normalization.cache_clear()  # so the constants' one-time creation is seen here
     with costs.OpCounter() as counter:
         common.train(model, batches, epochs=1, loss_fn=loss_fn, optimizer=optimizer, before_step=before_step)
@@ -105,13 +111,7 @@ def test_train_reads_the_host_only_at_the_divergence_checks(setup, gpu_shaped, m
 def test_tracked_training_reads_the_host_at_the_same_checks_and_logs_every_step(setup, gpu_shaped, monkeypatch):
     """--track adds no host read per step: the losses wait on the device and come back in one transfer at each
     divergence check (host_values, which a CPU cannot count as a sync), every step's loss and lr logged."""
-    prepare, loss_fn, make_optimizer, make_before_step = SETUPS[setup]
-    monkeypatch.setattr(training, "DIVERGENCE_CHECK_STEPS", 2)
-    model = prepare(smoke_resnet())
-    data = tiny_data()
-    batches = common.Batches(data.train_images, data.train_labels, torch.arange(40), batch_size=8)  # 5 steps
-    optimizer = make_optimizer(model) if make_optimizer else None
-    before_step = make_before_step(model) if make_before_step else None
+    model, batches, loss_fn, optimizer, before_step = five_steps(setup, monkeypatch)
     logged, reads, losses = [], [], []
     tracker = tracking.Tracker()
     tracker.sinks = [SimpleNamespace(name="list", log=lambda values, step: logged.append((step, values)))]

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_reproduce import SWEEP, in_process  # noqa: F401 (a fixture)
 
 import common
-from unlearning import records, tracking
+from unlearning import records, tracking, training
 
 STEP_TAGS = {"train/loss", "train/lr", "train/images_per_s", "curve/forget_acc", "curve/retain_acc",
              "curve/test_acc"}
@@ -186,3 +186,20 @@ def test_only_numbers_of_the_final_metrics_are_logged():
                        "relearn_reached": True, "path": "x.pth", "probe_UA": 40.0})
     assert logged[0][0] == 0 and set(logged[0][1]) == {"metrics/UA", "metrics/RA", "metrics/MIA_efficacy",
                                                         "metrics/RTE_s", "metrics/probe_UA"}
+
+
+def test_a_tracked_run_that_diverges_shows_its_last_losses(monkeypatch):
+    monkeypatch.setattr(training, "DIVERGENCE_CHECK_STEPS", 2)
+    logged = []
+    tracker = tracking.Tracker()
+    tracker.sinks = [SimpleNamespace(name="list", log=lambda values, step: logged.append((step, values)))]
+    model = torch.nn.Linear(2, 2)
+    batches = [(torch.ones(4, 2), torch.zeros(4, dtype=torch.long))] * 5
+    losses = iter([1.0, 0.5, float("inf"), 0.25, 0.125])
+
+    def loss_fn(model, inputs, labels):
+        return model(inputs).sum() * 0 + next(losses)
+    with tracking.activate(tracker), pytest.raises(common.TrainingDiverged, match="step 3/5"):
+        common.train(model, batches, epochs=1, loss_fn=loss_fn)
+    assert [(step, values["train/loss"]) for step, values in logged] == [(1, 1.0), (2, 0.5), (3, float("inf")),
+                                                                         (4, 0.25)]

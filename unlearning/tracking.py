@@ -145,7 +145,9 @@ class Tracker:
         if not self:
             return
         self.read_steps()
-        values = {"train/images_per_s": self.images / max(time.perf_counter() - self.epoch_start, 1e-9)}
+        values = {}
+        if self.epoch_start is not None:
+            values["train/images_per_s"] = self.images / max(time.perf_counter() - self.epoch_start, 1e-9)
         self.epochs += 1
         if self.evaluate is not None and self.epochs % self.every == 0:
             begin = time.perf_counter()

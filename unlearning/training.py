@@ -81,8 +81,9 @@ def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, 
             if scheduler is not None:
                 scheduler.step()
             if step % DIVERGENCE_CHECK_STEPS == 0:
+                tracker.read_steps()  # first, so that a tracked run that diverged shows its last losses
                 _check_finite(bad_step, bad_loss, desc, epoch, epochs, len(batches))
-                tracker.read_steps()
+        tracker.read_steps()
         _check_finite(bad_step, bad_loss, desc, epoch, epochs, len(batches))
         tracker.end_epoch()
         if after_epoch is not None:
