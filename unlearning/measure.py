@@ -29,8 +29,9 @@ def accuracy_in_place(model, images, labels, idx, batch_size=EVAL_BATCH_SIZE):
 
 def split_accuracies(model, data, splits, batch_size):
     """The accuracy curve a tracked run logs (tracking.Tracker.watching): accuracy on the forget and retain
-    training images and the retained classes' test images, at the training batch size (so that evaluating raises
-    no peak GPU memory above the training step's)."""
+    training images and the retained classes' test images, at the training batch size: a forward pass without
+    gradients at that size should need less GPU memory than the training step, so that the measured peak stays
+    the training's (not yet measured on a GPU)."""
     sets = {"forget_acc": (data.train_images, data.train_labels, splits.forget_idx),
             "retain_acc": (data.train_images, data.train_labels, splits.retain_idx),
             "test_acc": (data.test_images, data.test_labels, splits.test_idx)}

@@ -347,11 +347,12 @@ class Sweep:
     def open_tracker(self, run):
         """The run's tracker under --track (one that logs nothing otherwise), named like its record; W&B groups the
         sweep's runs by preset and forget setting."""
-        settings = {"arch": run.arch, "method": run.method, "seed": run.seed, "preset": self.args.preset,
+        def settings():
+            return {"arch": run.arch, "method": run.method, "seed": run.seed, "preset": self.args.preset,
                     "forget": self.spec.tag, "dataset": self.args.data_label, "recipe": recipe(run, self.args.preset),
                     "flags": [run.script, *run.plan_flags], "code": code_version()}
         group = f"reproduce{'-smoke' if self.args.preset == 'smoke' else ''}_{self.spec.tag}"
-        return open_run(self.args, run.record.stem, lambda: settings, group)
+        return open_run(self.args, run.record.stem, settings, group)
 
     def representation_options(self, run):
         """representation.evaluate_checkpoint's options: the --probe/--cka/--relearn flags, and as the original
