@@ -7,7 +7,8 @@ Here a script finds CIFAR-10 loading (`load_cifar10`, `Batches`), forget-class f
 `ForgetSpec`), structured L2 pruning (`prune`, `prune_physically`), LoRA (`add_lora`), the training loop
 (`train`), the method runner (`run_method`, `run_from_scratch`, `Context`), checkpoints (`save_checkpoint`,
 `load_checkpoint`, `weights_path`), weights from anywhere (`read_weights`, `described_by`), the metrics
-(`evaluate_model`, `mia_efficacy`) and the argument helpers.
+(`evaluate_model`, `mia_efficacy`), the argument helpers and tracking (`add_tracking_arguments`, `open_run`:
+TensorBoard and W&B under --track).
 The code lives in the package `unlearning/`, one idea per module; this file only hands its names on. The sweep,
 its launchers, the cost model and the representation-level metrics are imported from the package where used
 (`from unlearning import sweep`), so that a script pays for none of them.
@@ -160,6 +161,7 @@ from unlearning.settings import (
     gpu_shaped_mode,
     preset_recipe,
 )
+from unlearning.tracking import activate, add_tracking_arguments, check_tracking, open_run
 from unlearning.training import (
     COMPILE_BACKEND,
     autocast,

@@ -2,6 +2,7 @@
 
     python continual.py --arch resnet50 --method loraprune --steps 3 5 7
     python continual.py --arch resnet50 --methods finetune loraprune salun scrub   # several methods, one plot
+    python continual.py --arch resnet50 --track tensorboard   # each step a run: tensorboard --logdir runs
 
 Step k runs the method's script (its command line, in this process; nothing is imported) with --weights = step
 k-1's checkpoint (the original model at step 1) and --forget-class = every class forgotten so far, so the forget
@@ -54,6 +55,23 @@ def evaluate_step(path, method, step, forgotten, args, data_cache):
             "checkpoint": str(path)}
 
 
+def run_step(script, argv, method, step, forgotten, args, data_cache):
+    """Run one step's script and evaluate its checkpoint (argv ends with --out); under --track as one run named
+    like the checkpoint, in the group of this continual run."""
+    out = Path(argv[-1])
+    settings = {"arch": args.arch, "method": method, "step": step, "forget": common.ForgetSpec(tuple(forgotten)).tag,
+                "seed": args.seed, "preset": args.preset, "continual_steps": args.steps}
+    tracker = common.open_run(args, out.stem, settings, group=args.name)
+    try:
+        with common.activate(tracker):
+            run_script(script, argv)
+        row = evaluate_step(out, method, step, forgotten, args, data_cache)
+        tracker.log_final(row)
+    finally:
+        tracker.close()
+    return row
+
+
 def run_method_steps(method, args, data_cache):
     """Apply the forget requests one after another with method; one row per step."""
     shared = ["--arch", args.arch, "--data", args.data, "--device", args.device, "--seed", args.seed,
@@ -62,8 +80,8 @@ def run_method_steps(method, args, data_cache):
     for step in range(1, len(args.steps) + 1):
         forgotten = sorted(args.steps[:step])
         out = step_checkpoint(args, method, step)
-        run_script(f"{method}.py", [*shared, "--weights", weights, "--forget-class", *forgotten, "--out", out])
-        rows.append(evaluate_step(out, method, step, forgotten, args, data_cache))
+        argv = [*shared, "--weights", weights, "--forget-class", *forgotten, "--out", out]
+        rows.append(run_step(f"{method}.py", argv, method, step, forgotten, args, data_cache))
         weights = out
     return rows
 
@@ -74,9 +92,9 @@ def run_retrain_steps(args, data_cache):
     for step in range(1, len(args.steps) + 1):
         forgotten = sorted(args.steps[:step])
         out = step_checkpoint(args, "retrain", step)
-        run_script("retrain.py", ["--arch", args.arch, "--data", args.data, "--device", args.device, "--seed",
-                                  args.seed, "--preset", args.preset, "--forget-class", *forgotten, "--out", out])
-        rows.append(evaluate_step(out, "retrain", step, forgotten, args, data_cache))
+        argv = ["--arch", args.arch, "--data", args.data, "--device", args.device, "--seed", args.seed, "--preset",
+                args.preset, "--forget-class", *forgotten, "--out", out]
+        rows.append(run_step("retrain.py", argv, "retrain", step, forgotten, args, data_cache))
     return rows
 
 
@@ -116,13 +134,15 @@ def main(argv=None):
     common.add_device_argument(parser)
     parser.add_argument("--preset", default="full", choices=common.PRESETS,
                         help="full: the paper's settings; smoke: a tiny CPU configuration (default: full)")
+    common.add_tracking_arguments(parser)
     args = parser.parse_args(argv)
+    common.check_tracking(args)
     if len(set(args.steps)) != len(args.steps) or len(args.steps) >= common.NUM_CLASSES:
         raise common.UserError("--steps must name distinct classes, fewer than all ten")
     args.methods = list(dict.fromkeys(args.methods))
     args.weights = args.weights or str(common.weights_path(args.arch, "original", args.preset))
-    name = f"continual_{args.arch}{'-smoke' if args.preset == 'smoke' else ''}_{'-'.join(args.methods)}"
-    out = common.RESULTS_DIR / name
+    args.name = f"continual_{args.arch}{'-smoke' if args.preset == 'smoke' else ''}_{'-'.join(args.methods)}"
+    out = common.RESULTS_DIR / args.name
     for path in (out.with_suffix(".json"), step_checkpoint(args, args.methods[0], 1)):
         common.check_writable(path, "output")
     data_cache = {}

@@ -9,6 +9,7 @@
     python reproduce.py --units vit-s1-retrain --no-tables  # run one unit, leave the tables alone
     python reproduce.py --tables-only                       # rebuild tables and plots from the run records
     python reproduce.py --benchmark salun --preset smoke    # SalUn's Table 1 setting, ours beside theirs (CPU check)
+    python reproduce.py --track tensorboard                 # watch it: tensorboard --logdir runs
 
 Without a GPU and without --preset it runs the smoke preset with seed 0 only, so a CPU check takes minutes.
 
@@ -557,7 +558,9 @@ def parse_args(argv):
                         help="run each step in a fresh Python process, as separate commands would (slower: imports, "
                              "data and device start-up paid per step)")
     launch.add_launcher_arguments(parser)
+    common.add_tracking_arguments(parser)
     args = parser.parse_args(argv)
+    common.check_tracking(args)
     if args.launcher and (args.time_budget is not None or args.tables_only or args.list_units):
         parser.error("--launcher runs units in parallel: it does not go with --time-budget, --tables-only or "
                      "--list-units")

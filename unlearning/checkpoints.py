@@ -15,6 +15,7 @@ from .forget import ForgetSpec
 from .models import build_model
 from .pruning import resize_to_state
 from .settings import WEIGHTS_DIR
+from .tracking import TRACKING_FLAGS
 from .weights import DESCRIBED_FIELDS, read_weights, resolve_meta, weights_bytes
 
 
@@ -126,7 +127,7 @@ def weights_path(arch, method, preset="full", spec=None, seed=None, settings=Non
 
 # Flags that are part of the name already (arch, preset, forget setting, seed) or do not change what is learnt.
 NAMED_OR_NEUTRAL_FLAGS = {"help", "arch", "preset", "seed", "forget_class", "forget_random", "forget_seed", "data",
-                          "device", "deterministic", "out", "weights", "eval_every", "compile"}
+                          "device", "deterministic", "out", "weights", "eval_every", "compile", *TRACKING_FLAGS}
 
 
 def setting_text(value):

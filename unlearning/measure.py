@@ -7,12 +7,36 @@ from tqdm import tqdm
 
 from .data import normalize
 from .metrics import accuracy, predict
+from .settings import EVAL_BATCH_SIZE
 from .training import autocast, cross_entropy
 
 
 def default_eval_every(epochs):
     """About ten evaluation points over a run (every epoch for short runs), the last epoch always included."""
     return max(1, epochs // 10)
+
+
+def accuracy_in_place(model, images, labels, idx, batch_size=EVAL_BATCH_SIZE):
+    """Accuracy of model on images[idx] (predict, in eval mode) during training: each module goes back to its own
+    mode afterwards (frozen BatchNorm stays frozen)."""
+    modes = {module: module.training for module in model.modules()}
+    try:
+        return accuracy(predict(model, images, idx, batch_size), labels[idx])
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+
+
+def split_accuracies(model, data, splits, batch_size):
+    """The accuracy curve a tracked run logs (tracking.Tracker.watching): accuracy on the forget and retain
+    training images and the retained classes' test images, at the training batch size: a forward pass without
+    gradients at that size should need less GPU memory than the training step, so that the measured peak stays
+    the training's (not yet measured on a GPU)."""
+    sets = {"forget_acc": (data.train_images, data.train_labels, splits.forget_idx),
+            "retain_acc": (data.train_images, data.train_labels, splits.retain_idx),
+            "test_acc": (data.test_images, data.test_labels, splits.test_idx)}
+    return {name: accuracy_in_place(model, *images_labels_idx, batch_size)
+            for name, images_labels_idx in sets.items()}
 
 
 class AccuracyCurve:
@@ -43,10 +67,7 @@ class AccuracyCurve:
         self._sync()
         paused = time.perf_counter()
         seconds = paused - self.start - self.eval_seconds
-        modes = {module: module.training for module in self.model.modules()}
-        test_accuracy = accuracy(predict(self.model, self.images, self.idx), self.labels[self.idx])
-        for module, training in modes.items():  # back to each module's own mode (frozen BatchNorm stays frozen)
-            module.train(training)
+        test_accuracy = accuracy_in_place(self.model, self.images, self.labels, self.idx)
         images_per_s = (epoch - self.last_epoch) * self.images_per_epoch / max(seconds - self.last_seconds, 1e-9)
         self.points.append({"epoch": epoch, "seconds": round(seconds, 3), "test_accuracy": round(test_accuracy, 3),
                             "images_per_s": round(images_per_s, 1)})

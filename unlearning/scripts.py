@@ -23,15 +23,16 @@ from .arguments import (
     with_overrides,
 )
 from .checkpoints import device_name, library_versions, load_checkpoint, name_settings, save_checkpoint, weights_path
-from .data import CIFAR10, Batches, load_cifar10, normalize
+from .data import CIFAR10, Batches, data_label, load_cifar10, normalize
 from .errors import Terminated, UserError, raise_terminated
 from .files import written
 from .forget import ForgetSpec, Splits, check_splits, forget_spec_from_args, make_splits
-from .measure import AccuracyCurve, Measure, default_eval_every, warm_up_on
-from .metrics import accuracy, predict
+from .measure import AccuracyCurve, Measure, default_eval_every, split_accuracies, warm_up_on
+from .metrics import accuracy, evaluate_model, predict
 from .models import PRETRAIN_RECIPES, build_model, to_device
 from .pruning import model_cost, prune
 from .settings import PAPER_RECIPE, PRETRAIN_OPTIONS, preset_recipe
+from .tracking import active, add_tracking_arguments, check_tracking, script_run
 from .training import deterministic_mode, seed_everything, train, train_from_scratch
 from .weights import described_by
 
@@ -142,10 +143,12 @@ def run_method(method, unlearn, doc, argv=None, add_arguments=None, fit=train_on
         add_method_arguments(parser, prune=prunes, lora=uses_lora)
         if add_arguments is not None:
             add_arguments(parser)
+        add_tracking_arguments(parser)
         args = parser.parse_args(argv)
         args.method = method
+        check_tracking(args)
         recipe = preset_recipe(getattr(args, "recipe", PAPER_RECIPE), args.preset)
-        with deterministic_mode(args.deterministic):
+        with deterministic_mode(args.deterministic), script_run(args):
             return unlearn_and_save(args, unlearn, fit, name_settings(parser, args, recipe))
     return cli(main, argv)
 
@@ -179,12 +182,14 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain, settings=None):
     # Untimed warm-ups: one for the device's start-up, one on the prepared model (LoRA, pruned shapes), so the
     # RTE (unlearn + fit) holds neither; each leaves the model exactly as it was.
     warm_up_on(model, data, splits.retain_idx, ctx.batch_size)
+    tracker = active().start(out.stem, lambda: tracked_settings(args, spec, recipe, settings))
     measure = Measure(device)
     with measure:
         model = unlearn(model, ctx)
     warm_up_on(model, data, splits.retain_idx, ctx.batch_size)
-    with measure:
+    with measure, tracker.watching(lambda: split_accuracies(model, data, splits, ctx.batch_size)):
         model = fit(model, ctx)
+    measure.seconds -= tracker.eval_seconds  # the tracked accuracy curve is not training time
     model = finalize(model)
     meta = run_meta(args, spec, ctx.epochs, ctx.lr, ctx.batch_size, len(splits.retain_idx), measure)
     meta.update(source_weights=str(source), data_mem_mb=data.resident_mb, prune_amount=ctx.prune_amount,
@@ -193,6 +198,7 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain, settings=None):
     if ctx.hyperparameters:
         meta["hyperparameters"] = ctx.hyperparameters
     save_checkpoint(out, model, meta)
+    log_final_metrics(tracker, model, data, splits, args.seed, meta)
     report_saved(out, meta)
     return out
 
@@ -207,6 +213,21 @@ def run_meta(args, spec, epochs, lr, batch_size, train_images, measure):
             "device": device_name(args.device), "deterministic": getattr(args, "deterministic", False),
             "versions": library_versions(),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+
+def tracked_settings(args, spec, recipe, settings):
+    """The hyperparameters a tracked run shows: what it is and how it was trained."""
+    return {"arch": args.arch, "method": args.method, "dataset": data_label(args.data),
+            "forget": spec.tag if spec else None, "seed": args.seed, "preset": args.preset, "recipe": recipe,
+            "settings": settings or {}}
+
+
+def log_final_metrics(tracker, model, data, splits, seed, meta):
+    """For a run the script opened itself (--track, no sweep around it): UA, RA, TA and MIA-efficacy of the
+    trained model, as evaluate.py gives them, with its RTE and peak GPU memory."""
+    if tracker.opener == "script" and tracker:
+        tracker.log_final({**evaluate_model(model, data, splits, seed), "RTE_s": meta["rte_s"],
+                           "peak_gpu_mem_mb": meta["peak_gpu_mem_mb"]})
 
 
 def report_saved(out, meta):
@@ -224,20 +245,22 @@ def run_from_scratch(method, doc, argv=None):
                                  "meta['curve'] (retrain: the test images of the retained classes); 0: never "
                                  "(default: about ten points per run, epochs // 10)")
         add_pretrain_option_arguments(parser)
+        add_tracking_arguments(parser)
         args = parser.parse_args(argv)
         args.method = method
+        check_tracking(args)
         spec = (forget_spec_from_args(args) or ForgetSpec()) if method == "retrain" else None
         if method != "retrain" and forget_spec_from_args(args) is not None:
             raise UserError("pretrain.py trains on every training image; forget flags belong to retrain.py")
         settings = name_settings(parser, args, {**PRETRAIN_OPTIONS, **preset_recipe(PRETRAIN_RECIPES[args.arch],
                                                                                     args.preset, from_scratch=True)})
         out = check_out_path(args, weights_path(args.arch, method, args.preset, spec, settings=settings))
-        with deterministic_mode(args.deterministic):
+        with deterministic_mode(args.deterministic), script_run(args):
             device = torch.device(args.device)
             data = load_cifar10(args.data, device, args.preset)
             all_test = torch.arange(len(data.test_labels), device=device)
+            splits = make_splits(data.train_labels, data.test_labels, spec or ForgetSpec())
             if spec:
-                splits = make_splits(data.train_labels, data.test_labels, spec)
                 check_splits(splits, spec, args.data)
                 idx, test_idx = splits.retain_idx, splits.test_idx
             else:
@@ -253,14 +276,17 @@ def run_from_scratch(method, doc, argv=None):
             every = default_eval_every(recipe["epochs"]) if args.eval_every is None else args.eval_every
             curve = AccuracyCurve(model, data.test_images, data.test_labels, test_idx, every, recipe["epochs"],
                                   len(idx), desc=method)
-            with Measure(device) as measure:
+            tracker = active().start(out.stem, lambda: tracked_settings(args, spec, recipe, settings))
+            with Measure(device) as measure, tracker.watching(
+                    lambda: split_accuracies(model, data, splits, recipe["batch_size"]), every or recipe["epochs"]):
                 curve.begin()
                 train_from_scratch(model, data, idx, recipe, args.seed, desc=method, curve=curve)
-            measure.seconds -= curve.eval_seconds  # evaluation points are not training time
+            measure.seconds -= curve.eval_seconds + tracker.eval_seconds  # evaluation is not training time
             meta = run_meta(args, spec, recipe["epochs"], recipe["lr"], recipe["batch_size"], len(idx), measure)
             meta.update(recipe=recipe, settings=settings, eval_every=every, curve=curve.points,
                         data_mem_mb=data.resident_mb)
             save_checkpoint(out, model, meta)
+            log_final_metrics(tracker, model, data, splits, args.seed, meta)
             test_accuracy = accuracy(predict(model, data.test_images, all_test), data.test_labels)
         report_saved(out, meta)
         print(f"test accuracy (all classes): {test_accuracy:.2f} %")

@@ -23,6 +23,7 @@ from .files import write_json
 from .metrics import resolved
 from .records import (
     bench_speeds,
+    code_version,
     differences,
     fingerprint,
     model_sha256,
@@ -30,6 +31,7 @@ from .records import (
     recipe,
 )
 from .runners import free_memory, run_in_process, run_script
+from .tracking import activate, open_run
 from .units import RUNS_DIR, Run, make_run, unit_name
 
 # Seconds a run is expected to take (training and evaluation) before one of its kind was timed on this
@@ -70,6 +72,7 @@ class Step:
     times: dict  # TIME_PARTS so far, and wall_s: the step's and its evaluation's wall seconds
     futures: list
     durations: list  # seconds each background task took, once it has finished
+    tracker: object = None  # --track: the run's, closed once its record is written
 
 
 class Sweep:
@@ -280,12 +283,18 @@ class Sweep:
         """Run's step, then its evaluation: the forward passes here, the MIA's and probe's fits in pool when
         overlapping (else here too). A Step whose record finish() completes."""
         start = time.perf_counter()
-        if getattr(self.args, "step_processes", False):
-            step_start = time.perf_counter()
-            run_script(run.script, [*run.plan_flags, *run.io_flags])
-            step_seconds, startup = time.perf_counter() - step_start, None
-        else:
-            step_seconds, startup = run_in_process(run.script, [*run.plan_flags, *run.io_flags])
+        tracker = self.open_tracker(run)
+        try:
+            if getattr(self.args, "step_processes", False):  # the child's training is not tracked, only the end
+                step_start = time.perf_counter()
+                run_script(run.script, [*run.plan_flags, *run.io_flags])
+                step_seconds, startup = time.perf_counter() - step_start, None
+            else:
+                with activate(tracker):
+                    step_seconds, startup = run_in_process(run.script, [*run.plan_flags, *run.io_flags])
+        except BaseException:
+            tracker.close()  # what the step logged before it failed is kept
+            raise
         futures, durations = [], []
 
         def submit(function, *args):
@@ -306,7 +315,7 @@ class Sweep:
         startup = step_seconds - rte if startup is None else startup  # a process per step: all of it but training
         times = {"training_s": rte, "evaluation_s": evaluation, "startup_s": startup, "waiting_s": 0.0,
                  "wall_s": time.perf_counter() - start}
-        return Step(run, record, times, futures, durations)
+        return Step(run, record, times, futures, durations, tracker)
 
     def finish(self, step):
         """Wait for step's background evaluation, then write its record (its timing in "seconds" and "time")."""
@@ -322,6 +331,9 @@ class Sweep:
                           "background_evaluation_s": round(background, 3)}
         write_json(step.run.record, record)
         self.kept.append(step.run.record)
+        if step.tracker is not None:
+            step.tracker.log_final(record)
+            step.tracker.close()
         print(f"  {step.run}: {seconds:.1f} s (RTE {record['RTE_s']:.1f} s)", flush=True)
         return record
 
@@ -335,6 +347,16 @@ class Sweep:
             self.times[key] += value
         self.background_s += background
         print(f"  {unit.name}: {time_line(parts, seconds, background)}", flush=True)
+
+    def open_tracker(self, run):
+        """The run's tracker under --track (one that logs nothing otherwise), named like its record; W&B groups the
+        sweep's runs by preset and forget setting."""
+        def settings():
+            return {"arch": run.arch, "method": run.method, "seed": run.seed, "preset": self.args.preset,
+                    "forget": self.spec.tag, "dataset": self.args.data_label, "recipe": recipe(run, self.args.preset),
+                    "flags": [run.script, *run.plan_flags], "code": code_version()}
+        group = f"reproduce{'-smoke' if self.args.preset == 'smoke' else ''}_{self.spec.tag}"
+        return open_run(self.args, run.record.stem, settings, group)
 
     def representation_options(self, run):
         """representation.evaluate_checkpoint's options: the --probe/--cka/--relearn flags, and as the original

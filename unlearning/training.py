@@ -12,6 +12,7 @@ from tqdm import tqdm
 from .data import Batches
 from .errors import TrainingDiverged, UserError
 from .settings import BASELINE_SGD, DIVERGENCE_CHECK_STEPS, NUM_CLASSES, PAPER_RECIPE, PRETRAIN_OPTIONS, gpu_shaped
+from .tracking import active
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend under compile (inductor needs a C++ compiler on CPU)
 
@@ -61,7 +62,9 @@ def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, 
     # its loss are kept on the device and read every DIVERGENCE_CHECK_STEPS steps and at each epoch's end.
     bad_step = torch.full((), -1, dtype=torch.int64, device=device)
     bad_loss = torch.zeros((), device=device)
+    tracker = active()  # --track: logs the losses kept on the device when the flag is read, never per step
     for epoch in range(1, epochs + 1):
+        tracker.begin_epoch()
         for step, (inputs, labels) in enumerate(tqdm(batches, desc=f"{desc} epoch {epoch}/{epochs}", leave=False,
                                                      disable=None), start=1):
             with autocast(device):
@@ -69,6 +72,7 @@ def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, 
             first_bad = (bad_step < 0) & ~torch.isfinite(loss.detach())
             bad_step = torch.where(first_bad, step, bad_step)
             bad_loss = torch.where(first_bad, loss.detach().float(), bad_loss)
+            tracker.record_step(loss, optimizer, len(labels))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if before_step is not None:
@@ -77,8 +81,11 @@ def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, 
             if scheduler is not None:
                 scheduler.step()
             if step % DIVERGENCE_CHECK_STEPS == 0:
+                tracker.read_steps()  # first, so that a tracked run that diverged shows its last losses
                 _check_finite(bad_step, bad_loss, desc, epoch, epochs, len(batches))
+        tracker.read_steps()
         _check_finite(bad_step, bad_loss, desc, epoch, epochs, len(batches))
+        tracker.end_epoch()
         if after_epoch is not None:
             after_epoch(epoch)
     return model
