@@ -34,6 +34,14 @@ def lora_settings(arch, args, model):
                         flag_or_default("lora_train_full", "train_full"))
 
 
+def import_peft():
+    """peft (it pulls in transformers: seconds of start-up), imported where LoRA is used: run_method imports it
+    before its timed block, so that no RTE holds it."""
+    import peft
+    import peft.tuners.lora
+    return peft
+
+
 def add_lora(model, settings, example_input):
     """Freeze the model and attach peft LoRA adapters; checks that every adapter is called in forward.
 
@@ -45,13 +53,13 @@ def add_lora(model, settings, example_input):
     where peft puts nn.Identity) that cast is switched off: under bf16 autocast the adapter's convolution or linear
     layer casts the input back to bf16, so the cast changes no value but makes a copy of every adapted layer's input
     that the backward pass keeps. With dropout the cast stays, since dropout on bf16 draws other masks."""
-    from peft import LoraConfig, get_peft_model  # imported here: peft pulls in transformers, seconds of start-up
-    from peft.tuners.lora import LoraLayer
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+    peft = import_peft()
+    LoraLayer = peft.tuners.lora.LoraLayer  # noqa: N806 (a class)
+    config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=settings.targets, modules_to_save=settings.train_full or None)
     channels_last = is_channels_last(model)
     try:
-        peft_model = get_peft_model(model, config)
+        peft_model = peft.get_peft_model(model, config)
     except ValueError as error:
         raise UserError(f"LoRA targets {settings.targets!r}: {error}".splitlines()[0]) from None
     adapters = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]

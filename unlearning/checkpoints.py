@@ -12,7 +12,7 @@ import torchvision
 from .errors import UserError
 from .files import write_bytes
 from .forget import ForgetSpec
-from .models import build_model
+from .models import build_model, to_device
 from .pruning import resize_to_state
 from .settings import ARCHS, PRESETS, WEIGHTS_DIR
 
@@ -49,7 +49,9 @@ def save_checkpoint(path, model, meta):
 
 
 def load_checkpoint(path, device="cpu", arch=None):
-    """(model, meta) from a checkpoint written by save_checkpoint; arch, if given, must match.
+    """(model, meta) from a checkpoint written by save_checkpoint; arch, if given, must match. The model is on
+    device in the layout training gives it (to_device: channels-last on the GPU's path), so evaluation runs it as
+    the training scripts do.
 
     Every way the file can be wrong (unreadable, not a checkpoint, malformed meta, weights that do not fit the
     arch its meta names) is a one-line UserError naming the file."""
@@ -77,7 +79,7 @@ def load_checkpoint(path, device="cpu", arch=None):
         raise UserError(f"{path} is not a checkpoint of arch {meta_arch} ({preset} preset"
                         f"{', physically pruned' if meta.get('prune_mode') == 'physical' else ''}): "
                         f"{state_mismatch(build_model(meta_arch, preset), state)}") from None
-    return model.to(device), meta
+    return to_device(model, device), meta
 
 
 def state_mismatch(model, state):

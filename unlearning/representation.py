@@ -20,7 +20,6 @@ from .checkpoints import load_checkpoint, weights_path
 from .data import Batches, normalize
 from .errors import UserError
 from .metrics import accuracy, predict, run_now
-from .models import to_device
 from .settings import EVAL_BATCH_SIZE, NUM_CLASSES, PAPER_RECIPE
 from .training import make_adam, seed_everything, train
 
@@ -218,7 +217,7 @@ def find_original(path, meta, originals=(), cache=None, device="cpu"):
         key = ("original model", str(candidate), str(device))
         if key not in cache:
             model, original_meta = load_checkpoint(candidate, device)
-            cache[key] = to_device(model, device), original_meta
+            cache[key] = model, original_meta
         return cache[key]
 
     candidates = [(Path(p), "--original") for p in originals]
