@@ -65,9 +65,10 @@ def warm_up(model, inputs, labels, sizes=None, teacher=None, eval_sizes=()):
     forward in eval mode (SCRUB's teacher, also run on teacher when given); for each size in eval_sizes only the
     no-grad forward in eval mode (a method's look at the model: pruning's trace, the adapters' check); then one
     step of each optimizer the methods use (Adam, SGD) on copies of the trainable parameters, which pays the
-    optimizer's first step.
+    optimizer's first step, and makes tqdm's lock, which the first progress bar would make.
     The model is left exactly as it was: its buffers (BatchNorm statistics) and the RNG states (dropout) are
     restored, the gradients cleared, and no optimizer steps its parameters."""
+    tqdm.get_lock()  # made by the first progress bar, importing multiprocessing's locks: paid here, not in an epoch
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(inputs.device) if inputs.is_cuda else None
