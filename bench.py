@@ -174,9 +174,14 @@ def counting_compiles(row):
 
 
 def warm_up(source, data, device):
-    """One untimed forward and backward, so one-time start-up costs (kernel libraries, allocator) land in no row."""
+    """Untimed: the libraries the rows use are imported (peft for LoRA, torch-pruning for physical pruning) and
+    common.warm_up runs forward and backward passes as the project's loop does (bf16 autocast on the GPU's path)
+    and an optimizer step, so one-time start-up costs (imports, kernel libraries, bf16, allocator) land in no row."""
+    common.import_peft()
+    with contextlib.suppress(common.UserError):  # without torch-pruning, no physical rows are run
+        common.import_torch_pruning()
     model = common.to_device(copy.deepcopy(source), device)
-    common.cross_entropy(model, common.normalize(data.train_images[:8]), data.train_labels[:8]).backward()
+    common.warm_up(model, common.normalize(data.train_images[:8]), data.train_labels[:8])
 
 
 def bench_pretraining(args, arch, data):

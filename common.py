@@ -13,7 +13,7 @@ The code lives in the package `unlearning/`, one idea per module; this file only
 its launchers, the cost model and the representation-level metrics are imported from the package where used
 (`from unlearning import sweep`), so that a script pays for none of them.
 """
-from unlearning.adapters import LoraSettings, add_lora, finalize, lora_settings
+from unlearning.adapters import LoraSettings, add_lora, finalize, import_peft, lora_settings
 from unlearning.arguments import (
     OneLineParser,
     add_batchnorm_argument,
@@ -94,7 +94,16 @@ from unlearning.files import (
     written,
 )
 from unlearning.forget import ForgetSpec, Splits, check_splits, forget_spec_from_args, make_splits
-from unlearning.measure import AccuracyCurve, Measure, default_eval_every, warm_up, warm_up_on
+from unlearning.measure import (
+    AccuracyCurve,
+    Measure,
+    batch_sizes,
+    before_timing,
+    default_eval_every,
+    reset_compiler_caches,
+    warm_up,
+    warm_up_on,
+)
 from unlearning.metrics import METRIC_KEYS, accuracy, evaluate_model, mia_efficacy, predict, resolved, run_now
 from unlearning.models import (
     ARCHITECTURES,

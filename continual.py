@@ -27,9 +27,11 @@ COLUMNS = {"method": "method", "step": "step", "forget_classes": "forgotten clas
 
 
 def run_script(script, argv):
-    """Run ROOT/script as its command line would, in this process, turning a failure into a UserError."""
+    """Run ROOT/script as its command line would, in this process, turning a failure into a UserError; Dynamo's
+    caches are reset first, as a process of its own would start."""
     saved_argv = sys.argv
     sys.argv = [script, *map(str, argv)]
+    common.reset_compiler_caches()  # each step pays its own compile time, if it compiles
     try:
         runpy.run_path(str(ROOT / script), run_name="__main__")
     except SystemExit as stop:

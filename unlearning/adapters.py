@@ -36,6 +36,14 @@ def lora_settings(arch, args, model):
                         flag_or_default("lora_train_full", "train_full"))
 
 
+def import_peft():
+    """peft (it pulls in transformers: seconds of start-up), imported where LoRA is used: run_method imports it
+    before its timed block, so that no RTE holds it."""
+    import peft
+    import peft.tuners.lora
+    return peft
+
+
 def add_lora(model, settings, example_input, recompute_branch=True):
     """Freeze the model and attach peft LoRA adapters; checks that every adapter is called in forward.
 
@@ -52,13 +60,13 @@ def add_lora(model, settings, example_input, recompute_branch=True):
     -> lora_B, is recomputed in the backward pass (recompute_adapter_branches): training computes what plain peft
     computes, but keeps nothing for backward beyond the layer's input. Without dropout the branch is left to peft:
     with its cast off it keeps only the rank-r hidden tensor, and recomputing would add launches for that."""
-    from peft import LoraConfig, get_peft_model  # imported here: peft pulls in transformers, seconds of start-up
-    from peft.tuners.lora import LoraLayer
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+    peft = import_peft()
+    LoraLayer = peft.tuners.lora.LoraLayer  # noqa: N806 (a class)
+    config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=settings.targets, modules_to_save=settings.train_full or None)
     channels_last = is_channels_last(model)
     try:
-        peft_model = get_peft_model(model, config)
+        peft_model = peft.get_peft_model(model, config)
     except ValueError as error:
         raise UserError(f"LoRA targets {settings.targets!r}: {error}".splitlines()[0]) from None
     adapters = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]

@@ -12,7 +12,7 @@ import torchvision
 from .errors import UserError
 from .files import write_bytes
 from .forget import ForgetSpec
-from .models import build_model
+from .models import build_model, to_device
 from .pruning import resize_to_state
 from .settings import WEIGHTS_DIR
 from .tracking import TRACKING_FLAGS
@@ -51,7 +51,8 @@ def save_checkpoint(path, model, meta):
 
 def load_checkpoint(path, device="cpu", **described):
     """(model, meta) from weights of any kind weights.read_weights reads: this project's checkpoints, plain or
-    wrapped state dicts, .safetensors files.
+    wrapped state dicts, .safetensors files. The model is on device in the layout training gives it (to_device:
+    channels-last on the GPU's path), so evaluation runs it as the training scripts do.
 
     described ({field: value or None}, fields of weights.DESCRIBED_FIELDS such as arch="vit") says what a file
     without our meta does not; where the file's meta says it, a described value must agree. Every way the file can
@@ -86,7 +87,7 @@ def model_from_weights(path, state, meta, device="cpu", **described):
         hint = "" if own_meta else f" (describe the file with {flags})"
         raise UserError(f"{path} does not fit {fields}{' (physically pruned)' if physical else ''}: "
                         f"{state_mismatch(build_model(arch, preset), state)}{hint}") from None
-    return model.to(device), meta
+    return to_device(model, device), meta
 
 
 def state_mismatch(model, state):

@@ -7,6 +7,8 @@ from .errors import UserError
 from .models import architecture, count_parameters, is_channels_last, keep_layout
 from .settings import IMAGE_SIZE, PRUNE_AMOUNT
 
+TRACE_BATCH_SIZE = 1  # images in the example batch torch-pruning traces the model with
+
 
 def prune_targets(model):
     """Layers whose output channels/features are pruned, as the model's ARCHITECTURES row states them: the CNNs
@@ -80,7 +82,7 @@ def prune_physically(model, amount=PRUNE_AMOUNT):
     tp = import_torch_pruning()
     channels_last = is_channels_last(model)
     device = next(model.parameters()).device
-    example = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
+    example = torch.zeros(TRACE_BATCH_SIZE, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
     training = model.training
     model.eval()  # tracing runs a forward pass: keep BatchNorm statistics as they are
     pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),

@@ -20,7 +20,6 @@ from .checkpoints import model_from_weights, weights_path
 from .data import Batches, normalize
 from .errors import UserError
 from .metrics import accuracy, predict, run_now
-from .models import to_device
 from .settings import EVAL_BATCH_SIZE, NUM_CLASSES, PAPER_RECIPE
 from .training import make_adam, seed_everything, train
 from .weights import read_weights
@@ -227,7 +226,7 @@ def find_original(path, meta, originals=(), cache=None, device="cpu"):
             else:
                 model, original_meta = model_from_weights(candidate, state, original_meta, device, arch=arch,
                                                           preset=preset)
-                cache[key] = to_device(model, device), original_meta
+                cache[key] = model, original_meta
         return cache[key]
 
     candidates = [(Path(p), "--original") for p in originals]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import LoraSettings, add_lora, finalize, lora_settings
+from .adapters import LoraSettings, add_lora, finalize, import_peft, lora_settings
 from .arguments import (
     add_common_arguments,
     add_method_arguments,
@@ -27,10 +27,10 @@ from .data import CIFAR10, Batches, data_label, load_cifar10, normalize
 from .errors import Terminated, UserError, raise_terminated
 from .files import written
 from .forget import ForgetSpec, Splits, check_splits, forget_spec_from_args, make_splits
-from .measure import AccuracyCurve, Measure, default_eval_every, split_accuracies, warm_up_on
+from .measure import AccuracyCurve, Measure, batch_sizes, default_eval_every, split_accuracies, warm_up_on
 from .metrics import accuracy, evaluate_model, predict
 from .models import PRETRAIN_RECIPES, build_model, to_device
-from .pruning import model_cost, prune
+from .pruning import TRACE_BATCH_SIZE, import_torch_pruning, model_cost, prune
 from .settings import PAPER_RECIPE, PRETRAIN_OPTIONS, preset_recipe
 from .tracking import active, add_tracking_arguments, check_tracking, script_run
 from .training import deterministic_mode, seed_everything, train, train_from_scratch
@@ -108,6 +108,32 @@ class Context:
     def example_input(self):
         return normalize(self.data.train_images[:2])
 
+    def batch_sizes(self):
+        """Every batch size the method may train on: the retain and forget sets' batches (full and last, at the
+        forget set's own batch size where the method has one)."""
+        forget_batch_size = getattr(self.args, "forget_batch_size", None) or self.batch_size
+        return (batch_sizes(len(self.splits.retain_idx), self.batch_size)
+                | batch_sizes(len(self.splits.forget_idx), forget_batch_size)
+                | batch_sizes(len(self.splits.forget_idx), self.batch_size))
+
+    def look_sizes(self):
+        """The batch sizes of the forward passes (eval mode, no gradients) that look at the model rather than train
+        it: torch-pruning's trace and the adapters' check on example_input."""
+        return {TRACE_BATCH_SIZE, len(self.example_input())}
+
+    def warm_up(self, model):
+        """An untimed warm-up of model on every batch size and mode the method meets (SCRUB's teacher included)."""
+        warm_up_on(model, self.data, self.splits.retain_idx, self.batch_size, self.batch_sizes(), self.original,
+                   self.look_sizes())
+
+    def import_libraries(self):
+        """Import the libraries the method's steps use (peft for LoRA, torch-pruning for physical pruning), so that
+        their start-up is paid before the timed block and by every run alike, whatever ran before in the process."""
+        if hasattr(self.args, "lora_rank"):
+            import_peft()
+        if getattr(self.args, "prune_mode", None) == "physical":
+            import_torch_pruning()
+
     def prune(self, model):
         """Prune model by --prune-amount and --prune-mode, recording both in the checkpoint's meta."""
         self.prune_amount = self.args.prune_amount
@@ -168,7 +194,7 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain, settings=None):
         raise UserError(f"no original model at {source}: run `python pretrain.py --arch {args.arch}{smoke}` first, "
                         f"or pass --weights PATH")
     device = torch.device(args.device)
-    model = to_device(load_checkpoint(source, device, **described_by(args))[0], device)
+    model = load_checkpoint(source, device, **described_by(args))[0]
     data = load_cifar10(args.data, device, args.preset)
     splits = make_splits(data.train_labels, data.test_labels, spec)
     check_splits(splits, spec, args.data)
@@ -179,14 +205,16 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain, settings=None):
     seed_everything(args.seed)
     print(f"{args.method}: {len(splits.retain_idx)} retain and {len(splits.forget_idx)} forget images, "
           f"{ctx.epochs} epoch(s) on {device_name(device)}", flush=True)
-    # Untimed warm-ups: one for the device's start-up, one on the prepared model (LoRA, pruned shapes), so the
-    # RTE (unlearn + fit) holds neither; each leaves the model exactly as it was.
-    warm_up_on(model, data, splits.retain_idx, ctx.batch_size)
+    # Untimed: the libraries the method uses are imported, and two warm-ups (each leaves the model exactly as it
+    # was) run every batch shape and mode of the method: one for the device's start-up, one on the prepared model
+    # (LoRA, pruned shapes), so the RTE (unlearn + fit) holds neither.
+    ctx.import_libraries()
+    ctx.warm_up(model)
     tracker = active().start(out.stem, lambda: tracked_settings(args, spec, recipe, settings))
     measure = Measure(device)
     with measure:
         model = unlearn(model, ctx)
-    warm_up_on(model, data, splits.retain_idx, ctx.batch_size)
+    ctx.warm_up(model)
     with measure, tracker.watching(lambda: split_accuracies(model, data, splits, ctx.batch_size)):
         model = fit(model, ctx)
     measure.seconds -= tracker.eval_seconds  # the tracked accuracy curve is not training time

@@ -20,6 +20,7 @@ from .checkpoints import device_name
 from .data import data_key, shared_data
 from .errors import DamagedFile
 from .files import write_json
+from .measure import before_timing
 from .metrics import resolved
 from .records import (
     bench_speeds,
@@ -52,8 +53,9 @@ DEFAULT_RUN_SECONDS = {
 BENCH_SAFETY_FACTOR = 1.25
 RUN_START_SECONDS = 3
 # Where a run's wall time went, the keys of a record's "time" (seconds; they add up to its "seconds"), with the
-# words reproduce.py prints. Evaluation that ran in the background while the next step trained is not on the list
-# (it took no wall time of the sweep's): "background_evaluation_s" says how long it took.
+# words reproduce.py prints. Evaluation that ran in the background while the next step set up is not on the list
+# (it took no wall time of the sweep's): "background_evaluation_s" says how long it took; what the next step waited
+# for it before its timed block is in that step's start-up.
 TIME_PARTS = {"training_s": "training", "evaluation_s": "evaluation", "startup_s": "start-up and data",
               "waiting_s": "waiting", "other_s": "other"}
 
@@ -80,7 +82,8 @@ class Sweep:
 
     A unit's steps run one after another in this process (the data read and put on the device once, by
     reproduce.py) unless args.step_processes asks for a process per step. With args.overlap_evaluation the MIA's
-    and the probe's fits of one step run in a worker thread while the next step trains."""
+    and the probe's fits of one step run in a worker thread while the next step sets up (loads, warms up); they
+    are finished before its timed block starts (Measure.before_timing), so that no RTE holds them."""
 
     def __init__(self, args, spec, data_hash, data_cache):
         self.args, self.spec, self.data_hash, self.data_cache = args, spec, data_hash, data_cache
@@ -252,7 +255,12 @@ class Sweep:
         todo = self.pending(unit)
         original_hash, previous, done = None, None, []
         data = self.data_cache[(self.args.data, self.args.preset)]
-        with shared_data() as cache, ThreadPoolExecutor(1, thread_name_prefix="evaluation") as pool:
+        background = []  # the futures of the fits running in the background
+
+        def finish_background_fits():  # none runs while a step is timed: it would slow the step, not the method
+            wait(background)
+        with (shared_data() as cache, ThreadPoolExecutor(1, thread_name_prefix="evaluation") as pool,
+              before_timing(finish_background_fits)):
             cache[data_key(self.args.data, self.args.preset, self.args.device)] = data
             try:
                 for run in unit.runs:
@@ -263,6 +271,8 @@ class Sweep:
                         print(f"  {run}: record on file, done", flush=True)
                         continue
                     print(f"  {run} ...", flush=True)
+                    if getattr(self.args, "step_processes", False):
+                        finish_background_fits()  # the step's process cannot wait for them before its timed block
                     step = self.train_and_evaluate(run, original_hash, pool)
                     if run.method == "original":
                         original_hash = step.record["model_sha256"]
@@ -270,7 +280,7 @@ class Sweep:
                         done.append(self.finish(previous))
                         previous = None
                     if self.overlap:
-                        previous = step
+                        previous, background[:] = step, step.futures
                     else:
                         done.append(self.finish(step))
             finally:

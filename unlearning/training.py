@@ -207,11 +207,12 @@ def seed_everything(seed):
 @contextlib.contextmanager
 def deterministic_mode(enabled):
     """With enabled, only deterministic kernels inside the block (an op without one raises), cuDNN autotuning off;
-    the previous settings come back afterwards. CUBLAS_WORKSPACE_CONFIG must be set before cuBLAS starts, so
-    this runs before the model or the data reach the GPU."""
+    the previous settings, CUBLAS_WORKSPACE_CONFIG included, come back afterwards. CUBLAS_WORKSPACE_CONFIG must be
+    set before cuBLAS starts, so this runs before the model or the data reach the GPU."""
     if not enabled:
         yield
         return
+    workspace_config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
@@ -224,5 +225,7 @@ def deterministic_mode(enabled):
             raise
         raise UserError(f"--deterministic: {str(error).splitlines()[0]}") from None
     finally:
+        if workspace_config is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
