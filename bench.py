@@ -13,7 +13,7 @@ with their parameter and MAC counts. Pretraining throughput and the time evaluat
 checkpoint (UA, RA, TA, MIA-efficacy) are measured once per arch. Writes bench/results.json and results.md.
 
 --costs counts instead of timing (unlearning.costs): for every method, the five baselines included, both prune modes
-and both archs, the full-size model's steady-state training step (FLOPs, dispatched ops, host syncs, bytes saved
+and every arch, the full-size model's steady-state training step (FLOPs, dispatched ops, host syncs, bytes saved
 for backward, memory, convolution layouts) and the evaluation of one checkpoint, on tiny batches, in the GPU-shaped
 mode (UNLEARN_GPU_SHAPED=1: the code a GPU runs, with bf16 autocast, channels-last, fused or foreach optimizers),
 scaled to each method's batch size; the ratios to finetune against their floors; and an estimate of GPU time and
@@ -183,10 +183,14 @@ def counting_compiles(row):
 
 
 def warm_up(source, data, device):
-    """One untimed forward and backward, so one-time start-up costs (kernel libraries, allocator) land in no row."""
+    """Untimed: the libraries the rows use are imported (peft for LoRA, torch-pruning for physical pruning) and
+    common.warm_up runs forward and backward passes as the project's loop does (bf16 autocast on the GPU's path)
+    and an optimizer step, so one-time start-up costs (imports, kernel libraries, bf16, allocator) land in no row."""
+    common.import_peft()
+    with contextlib.suppress(common.UserError):  # without torch-pruning, no physical rows are run
+        common.import_torch_pruning()
     model = common.to_device(copy.deepcopy(source), device)
-    common.cross_entropy(model, common.normalize(data.train_images[:8], data.dataset),
-                         data.train_labels[:8]).backward()
+    common.warm_up(model, common.normalize(data.train_images[:8], data.dataset), data.train_labels[:8])
 
 
 def bench_pretraining(args, arch, data):
@@ -526,7 +530,9 @@ def run_costs(args):
 
 def parse_args(argv=None):
     parser = common.make_parser(__doc__)
-    parser.add_argument("--arch", nargs="+", default=list(common.ARCHS), choices=common.ARCHS, help="archs to time")
+    parser.add_argument("--arch", nargs="+", choices=common.ARCHS,
+                        help=f"archs to time (default: the paper's, {' '.join(common.PAPER_ARCHS)}) or, with --costs, "
+                             f"to count (default: all {len(common.ARCHS)})")
     parser.add_argument("--methods", nargs="+", choices=COST_METHODS,
                         help="methods to time (default: the four paper methods) or, with --costs, to count (default: "
                              "all nine)")
@@ -554,6 +560,8 @@ def parse_args(argv=None):
                         help="microseconds per kernel launch (a dispatched op other than a view) assumed by the "
                              "--costs time estimate (default: 5)")
     args = parser.parse_args(argv)
+    if args.arch is None:
+        args.arch = list(common.ARCHS if args.costs else common.PAPER_ARCHS)
     if args.costs and args.dataset != COSTED_DATASET.name:
         parser.error(f"--costs counts the paper's setting, {COSTED_DATASET.name} at full size; --dataset applies to "
                      f"the timings")

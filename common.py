@@ -6,17 +6,20 @@
 Here a script finds the dataset table (`DATASETS`), data loading (`load_data`, `Batches`), forget-class
 filtering (`make_splits`, `ForgetSpec`), structured L2 pruning (`prune`, `prune_physically`), LoRA (`add_lora`),
 the training loop (`train`), the method runner (`run_method`, `run_from_scratch`, `Context`), checkpoints
-(`save_checkpoint`, `load_checkpoint`, `weights_path`), the metrics (`evaluate_model`, `mia_efficacy`) and the argument
-helpers. The code lives in the package `unlearning/`, one idea per module; this file only hands its names on. The sweep,
+(`save_checkpoint`, `load_checkpoint`, `weights_path`), weights from anywhere (`read_weights`, `described_by`), the
+metrics (`evaluate_model`, `mia_efficacy`), the argument helpers and tracking (`add_tracking_arguments`, `open_run`:
+TensorBoard and W&B under --track).
+The code lives in the package `unlearning/`, one idea per module; this file only hands its names on. The sweep,
 its launchers, the cost model and the representation-level metrics are imported from the package where used
 (`from unlearning import sweep`), so that a script pays for none of them.
 """
-from unlearning.adapters import LoraSettings, add_lora, finalize, lora_settings
+from unlearning.adapters import LoraSettings, add_lora, finalize, import_peft, lora_settings
 from unlearning.arguments import (
     OneLineParser,
     add_batchnorm_argument,
     add_common_arguments,
     add_dataset_arguments,
+    add_described_arguments,
     add_device_argument,
     add_forget_arguments,
     add_lora_arguments,
@@ -61,6 +64,7 @@ from unlearning.checkpoints import (
     library_versions,
     load_checkpoint,
     model_for,
+    model_from_weights,
     name_settings,
     save_checkpoint,
     setting_text,
@@ -94,15 +98,34 @@ from unlearning.files import (
     written,
 )
 from unlearning.forget import ForgetSpec, Splits, check_classes, check_splits, forget_spec_from_args, make_splits
-from unlearning.measure import AccuracyCurve, Measure, default_eval_every, warm_up, warm_up_on
+from unlearning.measure import (
+    AccuracyCurve,
+    Measure,
+    batch_sizes,
+    before_timing,
+    default_eval_every,
+    reset_compiler_caches,
+    warm_up,
+    warm_up_on,
+)
 from unlearning.metrics import METRIC_KEYS, accuracy, evaluate_model, mia_efficacy, predict, resolved, run_now
 from unlearning.models import (
+    ARCHITECTURES,
+    ARCHS,
+    LORA_DEFAULTS,
+    PAPER_ARCHS,
+    PRETRAIN_DATASET_CHANGES,
+    PRETRAIN_RECIPES,
+    VGG,
+    Architecture,
     SlimResNet,
+    architecture,
     build_model,
     count_parameters,
     input_size,
     is_channels_last,
     keep_layout,
+    pretrain_recipe,
     to_device,
 )
 from unlearning.processes import check_parent_alive, start_child
@@ -130,20 +153,16 @@ from unlearning.scripts import (
     unlearn_and_save,
 )
 from unlearning.settings import (
-    ARCHS,
     BASELINE_SGD,
     BATCHNORM_MODES,
     DEFAULT_FORGET_CLASS,
     DIVERGENCE_CHECK_STEPS,
     EVAL_BATCH_SIZE,
     GPU_SHAPED_ENV,
-    LORA_DEFAULTS,
     MIA_MAX_SAMPLES,
     PAPER_RECIPE,
     PRESETS,
-    PRETRAIN_DATASET_CHANGES,
     PRETRAIN_OPTIONS,
-    PRETRAIN_RECIPES,
     PRUNE_AMOUNT,
     PRUNE_MODES,
     RESULTS_DIR,
@@ -152,8 +171,8 @@ from unlearning.settings import (
     gpu_shaped,
     gpu_shaped_mode,
     preset_recipe,
-    pretrain_recipe,
 )
+from unlearning.tracking import activate, add_tracking_arguments, check_tracking, open_run
 from unlearning.training import (
     COMPILE_BACKEND,
     autocast,
@@ -166,4 +185,12 @@ from unlearning.training import (
     seed_everything,
     train,
     train_from_scratch,
+)
+from unlearning.weights import (
+    DESCRIBED_FIELDS,
+    SAFETENSORS_SUFFIX,
+    DescribedField,
+    described_by,
+    read_weights,
+    resolve_meta,
 )

@@ -2,6 +2,7 @@
 
     python continual.py --arch resnet50 --method loraprune --steps 3 5 7
     python continual.py --arch resnet50 --methods finetune loraprune salun scrub   # several methods, one plot
+    python continual.py --arch resnet50 --track tensorboard   # each step a run: tensorboard --logdir runs
 
 Step k runs the method's script (its command line, in this process; nothing is imported) with --weights = step
 k-1's checkpoint (the original model at step 1) and --forget-class = every class forgotten so far, so the forget
@@ -27,9 +28,11 @@ COLUMNS = {"method": "method", "step": "step", "forget_classes": "forgotten clas
 
 
 def run_script(script, argv):
-    """Run ROOT/script as its command line would, in this process, turning a failure into a UserError."""
+    """Run ROOT/script as its command line would, in this process, turning a failure into a UserError; Dynamo's
+    caches are reset first, as a process of its own would start."""
     saved_argv = sys.argv
     sys.argv = [script, *map(str, argv)]
+    common.reset_compiler_caches()  # each step pays its own compile time, if it compiles
     try:
         runpy.run_path(str(ROOT / script), run_name="__main__")
     except SystemExit as stop:
@@ -51,12 +54,31 @@ def step_checkpoint(args, method, step):
 def evaluate_step(path, method, step, forgotten, args, data_cache):
     """One table row: the metrics of a step's checkpoint on every class forgotten so far."""
     spec = common.ForgetSpec(tuple(forgotten))
-    row = common.evaluate_checkpoint(path, args.data, args.device, spec, args.seed, data_cache, dataset=args.dataset)
+    row = common.evaluate_checkpoint(path, args.data, args.device, spec, args.seed, data_cache,
+                                     described={"dataset": args.dataset})
     data = data_cache[(args.data, args.preset, args.dataset)]
     splits = common.make_splits(data.train_labels, data.test_labels, spec)
     return {"method": method, "step": step, "forget_classes": list(forgotten), "forget_images": len(splits.forget_idx),
             "retain_images": len(splits.retain_idx), **{key: row[key] for key in (*common.METRIC_KEYS, "RTE_s")},
             "checkpoint": str(path)}
+
+
+def run_step(script, argv, method, step, forgotten, args, data_cache):
+    """Run one step's script and evaluate its checkpoint (argv ends with --out); under --track as one run named
+    like the checkpoint, in the group of this continual run."""
+    out = Path(argv[-1])
+    settings = {"arch": args.arch, "dataset": args.dataset, "method": method, "step": step,
+                "forget": common.ForgetSpec(tuple(forgotten)).tag, "seed": args.seed, "preset": args.preset,
+                "continual_steps": args.steps}
+    tracker = common.open_run(args, out.stem, settings, group=args.name)
+    try:
+        with common.activate(tracker):
+            run_script(script, argv)
+        row = evaluate_step(out, method, step, forgotten, args, data_cache)
+        tracker.log_final(row)
+    finally:
+        tracker.close()
+    return row
 
 
 def run_method_steps(method, args, data_cache):
@@ -67,8 +89,8 @@ def run_method_steps(method, args, data_cache):
     for step in range(1, len(args.steps) + 1):
         forgotten = sorted(args.steps[:step])
         out = step_checkpoint(args, method, step)
-        run_script(f"{method}.py", [*shared, "--weights", weights, "--forget-class", *forgotten, "--out", out])
-        rows.append(evaluate_step(out, method, step, forgotten, args, data_cache))
+        argv = [*shared, "--weights", weights, "--forget-class", *forgotten, "--out", out]
+        rows.append(run_step(f"{method}.py", argv, method, step, forgotten, args, data_cache))
         weights = out
     return rows
 
@@ -79,10 +101,9 @@ def run_retrain_steps(args, data_cache):
     for step in range(1, len(args.steps) + 1):
         forgotten = sorted(args.steps[:step])
         out = step_checkpoint(args, "retrain", step)
-        run_script("retrain.py", ["--arch", args.arch, "--dataset", args.dataset, "--data", args.data,
-                                  "--device", args.device, "--seed",
-                                  args.seed, "--preset", args.preset, "--forget-class", *forgotten, "--out", out])
-        rows.append(evaluate_step(out, "retrain", step, forgotten, args, data_cache))
+        argv = ["--arch", args.arch, "--dataset", args.dataset, "--data", args.data, "--device", args.device,
+                "--seed", args.seed, "--preset", args.preset, "--forget-class", *forgotten, "--out", out]
+        rows.append(run_step("retrain.py", argv, "retrain", step, forgotten, args, data_cache))
     return rows
 
 
@@ -122,15 +143,17 @@ def main(argv=None):
     common.add_device_argument(parser)
     parser.add_argument("--preset", default="full", choices=common.PRESETS,
                         help="full: the paper's settings; smoke: a tiny CPU configuration (default: full)")
+    common.add_tracking_arguments(parser)
     args = parser.parse_args(argv)
+    common.check_tracking(args)
     num_classes = common.DATASETS[args.dataset].num_classes
     if len(set(args.steps)) != len(args.steps):
         raise common.UserError("--steps must name distinct classes")
     common.check_classes(common.ForgetSpec(tuple(args.steps)), args.dataset, "--steps")
     args.methods = list(dict.fromkeys(args.methods))
     args.weights = args.weights or str(common.weights_path(args.arch, "original", args.preset, dataset=args.dataset))
-    name = f"continual_{run_name(args)}_{'-'.join(args.methods)}"
-    out = common.RESULTS_DIR / name
+    args.name = f"continual_{run_name(args)}_{'-'.join(args.methods)}"
+    out = common.RESULTS_DIR / args.name
     for path in (out.with_suffix(".json"), step_checkpoint(args, args.methods[0], 1)):
         common.check_writable(path, "output")
     data_cache = {}

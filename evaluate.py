@@ -2,12 +2,15 @@
 
     python evaluate.py model_weights/resnet50_*.pth --json results/eval.json
     python evaluate.py model_weights/resnet50_lora.pth --probe --cka --relearn
+    python evaluate.py my_resnet50_state_dict.pth --arch resnet50   # weights saved elsewhere
 
 UA = 100 - accuracy on the forget set; RA = accuracy on the retain set; TA = accuracy on the test set
 without the forgotten classes; MIA-efficacy = share of forget samples that Unlearn-Sparse's SVC
 membership-inference attack calls non-members. All in percent. Arch, dataset (read from --data in its
 standard layout), forget setting and the seed of the MIA's samples come from each checkpoint's meta (the original
 model, which has no forget setting, is scored on class 3 unless --forget-* is given; --seed overrides the MIA seed).
+Weights from elsewhere (a plain or wrapped state dict, DataParallel/DDP or torch.compile prefixes, .safetensors)
+load too; --arch, --preset and --dataset describe a file without this project's meta, whose own meta always wins.
 --probe, --cka and --relearn add representation-level metrics (unlearning/representation.py): whether the features
 still know the forgotten data, however the outputs look. They draw their samples with the same seed.
 """
@@ -17,7 +20,9 @@ from unlearning import representation
 
 def main(argv=None):
     parser = common.make_parser(__doc__)
-    parser.add_argument("checkpoints", nargs="+", metavar="PATH", help="checkpoints written by this project's scripts")
+    parser.add_argument("checkpoints", nargs="+", metavar="PATH",
+                        help="checkpoints of this project's scripts, or weights from elsewhere (.pth, .safetensors)")
+    common.add_described_arguments(parser)
     common.add_dataset_arguments(parser, dataset=False)
     common.add_forget_arguments(parser)
     parser.add_argument("--seed", type=common.seed_int,
@@ -32,7 +37,9 @@ def main(argv=None):
     if args.json:
         common.check_writable(args.json, "--json")
     data_cache = {}
-    rows = [representation.evaluate_checkpoint(path, args.data, args.device, spec, args.seed, data_cache, **options)
+    described = common.described_by(args)
+    rows = [representation.evaluate_checkpoint(path, args.data, args.device, spec, args.seed, data_cache,
+                                               described=described, **options)
             for path in args.checkpoints]
     columns = dict(common.EVALUATE_COLUMNS)
     path_header = columns.pop("path")

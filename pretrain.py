@@ -4,7 +4,8 @@
     python pretrain.py --arch vit --preset smoke  # tiny CPU check
     python pretrain.py --arch vit --mixup 0.8 --cutmix 1.0 --compile  # optional recipe keys, see README
 
-The recipe per arch (optimizer, epochs, augmentation) is PRETRAIN_RECIPES in unlearning/settings.py.
+The recipe per arch (optimizer, epochs, augmentation) is its row of the arch table in unlearning/models.py
+(pretrain_recipe(arch, dataset): the arch's recipe with its dataset's changes).
 """
 import common
 

@@ -8,6 +8,8 @@
     python reproduce.py --list-units                        # one unit name per line, in priority order
     python reproduce.py --units vit-s1-retrain --no-tables  # run one unit, leave the tables alone
     python reproduce.py --tables-only                       # rebuild tables and plots from the run records
+    python reproduce.py --benchmark salun --preset smoke    # SalUn's Table 1 setting, ours beside theirs (CPU check)
+    python reproduce.py --track tensorboard                 # watch it: tensorboard --logdir runs
 
 Without a GPU and without --preset it runs the smoke preset with seed 0 only, so a CPU check takes minutes.
 
@@ -21,6 +23,10 @@ results/runs/{checkpoint stem}.json. A run whose record matches the plan is done
 Tables and plots are rebuilt from every matching record for the arch, preset and forget setting:
 results/{arch}[-smoke][_{dataset}][_{forget}].json, .md, _metrics.png, _tradeoff.png (the dataset named unless
 CIFAR-10, --dataset as in the method scripts).
+
+--benchmark NAME runs a published benchmark (unlearning/benchmarks.py) the same way, with its arch, forget setting
+and recipes, and sets our table beside the published one: results/{NAME}_table1[-smoke].md, .json, .png
+(docs/reproducing.md).
 """
 import argparse
 import shlex
@@ -37,7 +43,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 import common
-from unlearning import launch, locks, records, representation, sweep, units
+from unlearning import benchmarks, comparison, launch, locks, records, representation, sweep, units
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_METHODS = ("finetune", "pruneft", "lora", "loraprune")
@@ -103,13 +109,6 @@ def summarize(runs):
     return rows
 
 
-def format_stat(stat, digits=2):
-    if stat["mean"] is None:
-        return "-"
-    text = f"{stat['mean']:.{digits}f}"
-    return text if stat["std"] is None else f"{text} ± {stat['std']:.{digits}f}"
-
-
 # ------------------------------------------------------------------------------------------ the sweep
 
 def forget_description(spec, class_names):
@@ -131,6 +130,30 @@ def check_methods(methods):
         if method not in available:
             raise common.UserError(f"unknown method {method!r}: no unlearning script {method}.py in {ROOT}; "
                                    f"available: {' '.join(available)}")
+
+
+def apply_benchmark(args):
+    """The forget setting of this call, the methods checked; under --benchmark, also the benchmark's arch and methods in
+    args (--methods picks among its methods). Flags that would change the benchmark's setting are refused."""
+    if not args.benchmark:
+        check_methods(args.methods or DEFAULT_METHODS)
+        return common.forget_spec_from_args(args) or common.ForgetSpec()
+    benchmark = benchmarks.get_benchmark(args.benchmark)
+    if args.arch or args.forget_class or args.forget_random is not None:
+        raise common.UserError(f"--benchmark {benchmark.name} sets the arch ({benchmark.arch}) and the forget setting "
+                               f"(random {benchmark.forget_random:.0%}); drop --arch, --forget-class and "
+                               f"--forget-random")
+    if args.dataset != benchmark.dataset:
+        raise common.UserError(f"--benchmark {benchmark.name} runs on {benchmark.dataset}, not {args.dataset}; drop "
+                               f"--dataset")
+    if benchmark.arch not in common.ARCHS:
+        raise common.UserError(f"--benchmark {benchmark.name} needs arch {benchmark.arch}, which this checkout does "
+                               f"not have (archs: {' '.join(common.ARCHS)})")
+    args.arch = [benchmark.arch]
+    args.methods = args.methods or list(benchmark.methods)
+    for method in args.methods:
+        benchmark.method(method)
+    return common.ForgetSpec(random_fraction=benchmark.forget_random, seed=args.forget_seed)
 
 
 def check_stale(plan, units, args, argv):
@@ -193,9 +216,9 @@ def load_runs(arch, spec, plan):
     forget setting."""
     matching, left_out = [], []
     for path, record in plan.records().items():
-        what = (record.get("arch"), record.get("preset"), record.get("forget"),
+        what = (record.get("arch"), record.get("preset"), record.get("forget"), record.get("benchmark"),
                 record.get("dataset", common.DEFAULT_DATASET))  # records before datasets were named: CIFAR-10
-        if what != (arch, plan.args.preset, spec.tag, plan.args.dataset):
+        if what != (arch, plan.args.preset, spec.tag, getattr(plan.args, "benchmark", None), plan.args.dataset):
             continue
         run = units.make_run(arch, record["method"], record["seed"], plan.args, spec)
         original_hash = None if run.from_scratch else plan.original_hash(arch, record["seed"])
@@ -275,10 +298,10 @@ def write_markdown(path, title, lines, rows):
     for row in rows:
         cells = {"method": row["method"], "n": row["n"]}
         for key in STAT_KEYS:
-            cells[key] = format_stat(row[key], DIGITS.get(key, 2))
+            cells[key] = comparison.format_stat(row[key], DIGITS.get(key, 2))
         for key in REPRESENTATION_COLUMNS:
             if key in row:
-                cells[key] = format_stat(row[key], DIGITS.get(key, 2))
+                cells[key] = comparison.format_stat(row[key], DIGITS.get(key, 2))
         if "relearn_capped" in row:
             capped = row["relearn_capped"]
             cells["relearn_steps"] = (f"> {capped['max_steps']}" if capped["runs"] == row["n"] else
@@ -442,18 +465,57 @@ def write_results(arch, spec, plan):
     write_markdown(stem.with_suffix(".md"), title, lines, rows)
     plot_metrics(stem.with_name(f"{stem.name}_metrics.png"), title, rows)
     plot_tradeoff(stem.with_name(f"{stem.name}_tradeoff.png"), title, rows)
+    print(f"wrote {stem}.json, {stem}.md, {stem}_metrics.png, {stem}_tradeoff.png")
     return stem
+
+
+def write_benchmark_results(spec, plan):
+    """Rebuild results/{benchmark}_table1[-smoke].md, .json and .png: ours beside the published values, from the
+    matching records (the published rows alone while there are none)."""
+    benchmark = benchmarks.get_benchmark(plan.args.benchmark)
+    published = benchmarks.load_published(benchmark)
+    arch = benchmark.arch
+    runs, left_out = load_runs(arch, spec, plan)
+    if left_out:
+        print(f"left out of the {benchmark.name} table: {len(left_out)} record(s) that differ from this plan: "
+              f"{', '.join(left_out)}")
+    order = {method: i for i, method in enumerate(method_order({run["method"] for run in runs}))}
+    runs.sort(key=lambda run: (order[run["method"]], run["seed"]))
+    summary = summarize(runs)
+    rows = comparison.compare(benchmark, published, summary)
+    smoke = "-smoke" if plan.args.preset == "smoke" else ""
+    stem = common.RESULTS_DIR / f"{benchmark.name}_table1{smoke}"
+    ours = header(arch, plan.args.preset, spec, runs) if runs else "no runs of ours on file yet"
+    lines = [f"Published: {published['citation']} {published['title']}.", f"Source of the published values: "
+             f"{published['source']}", f"Ours: {ours}.", *comparison_notes(runs, summary)]
+    paths = comparison.write(stem, f"{benchmark.title}: ours beside the published values", lines, rows, published,
+                             {"benchmark": benchmark.name, "ours": ours, "summary": summary, "runs": runs,
+                              "left_out": left_out})
+    print(f"wrote {', '.join(map(str, paths))}")
+    return stem
+
+
+def comparison_notes(runs, summary):
+    notes_ = [comparison.READING]
+    if runs:
+        notes_.append(provenance(runs))
+    if any(len(row["gap_seeds"]) < row["n"] for row in summary if row["method"] != "retrain"):
+        notes_.append("Some seeds lack their retrain run: their runs have no avg. gap.")
+    return notes_
 
 
 # ---------------------------------------------------------------------------------------------- main
 
 def parse_args(argv):
     parser = common.make_parser(__doc__)
-    parser.add_argument("--arch", nargs="+", choices=common.ARCHS, default=list(common.ARCHS),
-                        help="models to run (default: resnet50 vit)")
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
+    parser.add_argument("--arch", nargs="+", choices=common.ARCHS,
+                        help=f"models to run (default: the paper's, {' '.join(common.PAPER_ARCHS)})")
+    parser.add_argument("--methods", nargs="+", metavar="METHOD",
                         help=f"unlearning scripts {{METHOD}}.py to run, e.g. {' '.join(BASELINES)} "
-                             f"(default: {' '.join(DEFAULT_METHODS)})")
+                             f"(default: {' '.join(DEFAULT_METHODS)}; under --benchmark, the benchmark's methods)")
+    parser.add_argument("--benchmark", choices=sorted(benchmarks.BENCHMARKS),
+                        help="run a published benchmark with its arch, forget setting and recipes, and set our table "
+                             "beside the published one (docs/reproducing.md)")
     parser.add_argument("--seeds", nargs="+", type=common.seed_int, metavar="SEED",
                         help="seeds: one original model, its methods and one retrain each "
                              "(default: 0 1 2; 0 under the CPU smoke fallback)")
@@ -504,7 +566,9 @@ def parse_args(argv):
                         help="run each step in a fresh Python process, as separate commands would (slower: imports, "
                              "data and device start-up paid per step)")
     launch.add_launcher_arguments(parser)
+    common.add_tracking_arguments(parser)
     args = parser.parse_args(argv)
+    common.check_tracking(args)
     if args.launcher and (args.time_budget is not None or args.tables_only or args.list_units):
         parser.error("--launcher runs units in parallel: it does not go with --time-budget, --tables-only or "
                      "--list-units")
@@ -529,8 +593,8 @@ def resolve_defaults(args):
         if getattr(args, flag) is None:
             setattr(args, flag, args.preset == "full")
     args.seeds = list(dict.fromkeys(args.seeds or DEFAULT_SEEDS))
-    args.arch = list(dict.fromkeys(args.arch))
-    args.methods = list(dict.fromkeys(args.methods))
+    args.arch = list(dict.fromkeys(args.arch or common.PAPER_ARCHS))
+    args.methods = list(dict.fromkeys(args.methods or DEFAULT_METHODS))
 
 
 def interruptible(work, kept):
@@ -567,8 +631,7 @@ def launch_in_parallel(plan, units, args, argv):
                                   "--no-tables"])
     if failed:
         if not args.no_tables:
-            for arch in args.arch:
-                write_results(arch, plan.spec, plan)
+            write_tables(plan.spec, plan)
         raise common.UserError(f"{len(failed)} unit(s) failed: {' '.join(failed)} (logs in {args.log_dir}/); "
                                f"the same command reruns them")
 
@@ -577,8 +640,7 @@ def main(argv=None):
     started = time.monotonic()
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     args = parse_args(argv)
-    spec = common.forget_spec_from_args(args) or common.ForgetSpec()
-    check_methods(args.methods)
+    spec = apply_benchmark(args)
     resolve_defaults(args)
     planned = units.plan_units(args, spec)
     if args.list_units:
@@ -599,12 +661,17 @@ def main(argv=None):
             launch_in_parallel(plan, selected, args, argv)
         else:
             interruptible(lambda: run_units(plan, selected, args, argv, started), plan.kept)
-    written = [] if args.no_tables else [write_results(arch, spec, plan) for arch in args.arch]
-    for stem in filter(None, written):
-        print(f"wrote {stem}.json, {stem}.md, {stem}_metrics.png, {stem}_tradeoff.png")
+    written = [] if args.no_tables else write_tables(spec, plan)
     if plan.kept:
         print_sweep_time(plan, time.monotonic() - started)
     return written
+
+
+def write_tables(spec, plan):
+    """The benchmark's side-by-side table under --benchmark, else each arch's tables; the stems written."""
+    if getattr(plan.args, "benchmark", None):
+        return [write_benchmark_results(spec, plan)]
+    return [stem for arch in plan.args.arch if (stem := write_results(arch, spec, plan))]
 
 
 def print_sweep_time(plan, seconds):

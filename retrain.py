@@ -2,7 +2,7 @@
 
     python retrain.py --arch resnet50 --forget-class 3   # -> model_weights/resnet50_retrain.pth
 
-Same recipe as pretrain.py (PRETRAIN_RECIPES in unlearning/settings.py), without the forgotten images.
+Same recipe as pretrain.py (pretrain_recipe in unlearning/models.py), without the forgotten images.
 """
 import common
 

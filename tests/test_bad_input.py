@@ -41,6 +41,16 @@ def truncated_copy(source, target):
     truncate(Path(target))
 
 
+def save_plain(source, target):
+    """The bare state dict of the checkpoint at source, as torch.save(model.state_dict(), target) writes it."""
+    torch.save(torch.load(source, weights_only=True)["model"], target)
+
+
+def save_safetensors(source, target):
+    model, meta = common.load_checkpoint(source)
+    common.save_checkpoint(target, model, meta)
+
+
 def broken(dataset, change):
     """A setup: the dataset's tiny synthetic files written under data/, then change() applied to them."""
     def setup():
@@ -83,6 +93,12 @@ SETUPS = {
     "32x32 tiny jpeg": broken("tinyimagenet", lambda: tiny_image(32)),
     "tiny val of no class": broken("tinyimagenet", lambda: (TINY_VAL / "val_annotations.txt").write_text(
         "val_0.JPEG\tn99999999\t0\t0\t63\t63\n")),
+    "vit state dict": lambda: save_plain(common.weights_path("vit", "original", "smoke"), "vit-plain.pth"),
+    "plain state dict": lambda: save_plain("keep.pth", "plain.pth"),
+    "pickled model": lambda: torch.save(common.build_model("resnet50", "smoke"), "whole.pth"),
+    "truncated state dict": lambda: (save_plain("keep.pth", "plain.pth"), truncate(Path("plain.pth"))),
+    "truncated safetensors": lambda: (save_safetensors("keep.pth", "keep.safetensors"),
+                                      truncate(Path("keep.safetensors"))),
 }
 
 
@@ -133,15 +149,34 @@ CASES = [
     ("pretrain.py", SMOKE, "label count", 1, "data_batch_4 is not a CIFAR-10 batch"),
     ("pretrain.py", SMOKE, "float pixels", 1, "expected uint8"),
     ("finetune.py", [*SMOKE, "--weights", "garbage.pth"], "garbage checkpoint", 1,
-     "garbage.pth is not a checkpoint of this project"),
+     "garbage.pth is not a checkpoint torch can read (UnpicklingError)"),
     ("evaluate.py", ["half.pth", "--data", "data"], "truncated checkpoint", 1, "half.pth is not a checkpoint"),
     ("evaluate.py", ["mislabelled.pth", "--data", "data"], "vit weights, resnet50 meta", 1,
-     "mislabelled.pth is not a checkpoint of arch resnet50 (smoke preset): "),
+     "mislabelled.pth does not fit arch resnet50, preset smoke, dataset cifar10: tensors "),
     ("evaluate.py", ["wrong-preset.pth", "--data", "data"], "smoke weights, full meta", 1,
-     "not a checkpoint of arch resnet50 (full preset): "),
-    ("evaluate.py", ["alien.pth", "--data", "data"], "unknown arch", 1, "unknown arch, preset or dataset ('alexnet'"),
-    ("evaluate.py", ["bad-forget.pth", "--data", "data"], "bad forget meta", 1, "is not a checkpoint of this project"),
+     "does not fit arch resnet50, preset full, dataset cifar10: tensors "),
+    ("evaluate.py", ["alien.pth", "--data", "data"], "unknown arch", 1, "names an unknown arch 'alexnet'"),
+    ("evaluate.py", ["bad-forget.pth", "--data", "data"], "bad forget meta", 1,
+     "bad-forget.pth has a malformed meta of this project"),
     ("pruneft.py", [*SMOKE, "--weights", "missing.pth"], None, 1, "no original model at missing.pth"),
+    ("finetune.py", [*SMOKE, "--weights", "vit-plain.pth"], "vit state dict", 1,
+     "vit-plain.pth does not fit arch resnet50, preset smoke, dataset cifar10: tensors "),
+    ("evaluate.py", ["vit-plain.pth", "--arch", "resnet50", "--preset", "smoke", "--data", "data"], "vit state dict",
+     1, "does not fit arch resnet50, preset smoke, dataset cifar10: tensors "),
+    ("evaluate.py", ["plain.pth", "--data", "data"], "plain state dict", 1,
+     "plain.pth does not say its arch (it has no meta of this project): pass --arch"),
+    ("evaluate.py", ["keep.pth", "--arch", "vit", "--data", "data"], None, 1,
+     "keep.pth: its meta says arch resnet50, not vit as --arch says"),
+    ("finetune.py", [*SMOKE, "--weights", "whole.pth"], "pickled model", 1,
+     "whole.pth holds pickled Python objects (unlearning.models.SlimResNet"),
+    ("evaluate.py", ["whole.pth", "--data", "data"], "pickled model", 1, "torch.save(model.state_dict(), PATH)"),
+    ("finetune.py", [*SMOKE, "--weights", "plain.pth"], "truncated state dict", 1,
+     "plain.pth is not a checkpoint torch can read"),
+    ("evaluate.py", ["keep.safetensors", "--data", "data"], "truncated safetensors", 1,
+     "keep.safetensors is not a safetensors file that can be read"),
+    ("export.py", ["keep.pth", "vit-plain.pth", "--arch", "resnet50", "--preset", "smoke"], "vit state dict", 1,
+     "vit-plain.pth does not fit arch resnet50"),
+    ("export.py", ["keep.pth", "--out", "keep.pth"], None, 1, "an export is a .safetensors file"),
     ("finetune.py", [*SMOKE, "--forget-class", "10"], None, 1, "--forget-class 10 is out of range: cifar10 has "
                                                                 "classes 0..9"),
     ("retrain.py", [*SMOKE, "--dataset", "svhn", "--forget-class", "-1"], None, 2,
@@ -153,12 +188,12 @@ CASES = [
     ("continual.py", [*SMOKE, "--steps", "3", "10"], None, 1, "--steps 10 is out of range: cifar10 has classes"),
     ("reproduce.py", [*SMOKE, "--dataset", "cifar100", "--forget-class", "100"], None, 1, "classes 0..99"),
     ("lora.py", [*SMOKE, "--dataset", "cifar100", "--weights", "keep.pth"], None, 1,
-     "keep.pth was trained on cifar10 (10 classes), not cifar100 (100): pass --dataset cifar10"),
+     "keep.pth: its meta says dataset cifar10, not cifar100 as --dataset says; pass --dataset cifar10"),
     ("loraprune.py", [*SMOKE, "--dataset", "svhn"], None, 1,
      "no original model at model_weights/resnet50-smoke_svhn_original.pth: run `python pretrain.py --arch resnet50 "
      "--preset smoke --dataset svhn` first"),
     ("evaluate.py", ["relabelled.pth", "--data", "data"], "cifar10 weights, cifar100 meta", 1,
-     "relabelled.pth is not a checkpoint of arch resnet50 (smoke preset): "),
+     "relabelled.pth does not fit arch resnet50, preset smoke, dataset cifar100: tensors "),
     ("pretrain.py", [*SMOKE, "--dataset", "cifar100"], "truncated cifar-100", 1,
      "train is not a CIFAR-100 batch: it does not unpickle"),
     ("retrain.py", [*SMOKE, "--dataset", "cifar100"], "cifar-100 without meta", 1,

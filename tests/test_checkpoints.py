@@ -38,7 +38,7 @@ def test_failed_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
 def test_loading_the_other_arch_is_a_user_error(tmp_path):
     path = tmp_path / "m.pth"
     common.save_checkpoint(path, common.build_model("vit", "smoke"), {"arch": "vit", "preset": "smoke"})
-    with pytest.raises(common.UserError, match="holds a vit model, not resnet50"):
+    with pytest.raises(common.UserError, match="its meta says arch vit, not resnet50 as --arch says"):
         common.load_checkpoint(path, arch="resnet50")
 
 

@@ -157,3 +157,29 @@ def test_two_counts_of_a_method_agree(method, mode, dropout):
     data, splits = bench.cost_data(args.cost_batch, torch.device("cpu"))
     first, second = (bench.count_method(args, "resnet50", method, mode, dropout, data, splits)[1:] for _ in range(2))
     assert first == second and first[1]["flops_per_image"] > 0 and first[1]["step_peak_bytes"] > 0
+
+
+class Recomputed(nn.Module):
+    """A linear layer and dropout, recomputed in backward by torch.utils.checkpoint."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(HIDDEN, HIDDEN)
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(lambda x: nn.functional.dropout(self.linear(x), 0.5), x,
+                                                 use_reentrant=False)
+
+
+def test_recomputed_layers_leave_nothing_live_between_counted_steps():
+    """torch.utils.checkpoint's reruns are freed with their step: each counted step starts from the same live
+    bytes (torch's per-module FLOP tracking would keep them alive into the next step)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN_FEATURES, HIDDEN), nn.ReLU(), Recomputed(), nn.Linear(HIDDEN, CLASSES))
+    inputs, labels = torch.randn(4, IN_FEATURES), torch.arange(4)
+    with costs.Recorder() as recorder:
+        for _ in range(3):
+            nn.functional.cross_entropy(model(inputs), labels).backward()
+            recorder.mark()
+    starts = [window["start_live_bytes"] for window in recorder.windows]
+    assert starts[1] == starts[2] > 0  # from the second step on: the gradients, and nothing else

@@ -343,7 +343,7 @@ def whole_record(**changes):
     ({"TA": 150.0}, "TA is 150.0 (should be a number in [0, 100])"),
     ({"RA": math.nan}, "RA is NaN (should be a number in [0, 100])"),
     ({"MIA_efficacy": "99"}, 'MIA_efficacy is "99" (should be a number in [0, 100])'),
-    ({"arch": "vgg"}, 'arch is "vgg" (should be one of: resnet50, vit)'),
+    ({"arch": "vgg"}, 'arch is "vgg" (should be one of: resnet18, resnet50, vgg16_bn, vit)'),
     ({"fingerprint": None}, "fingerprint is missing"),
     ({"method": "original"}, "model_sha256 is missing"),
     ({"CKA_forget": 3.0}, "CKA_forget is 3.0 (should be a number in [-1, 1.001] or NaN or null)"),

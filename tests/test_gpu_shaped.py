@@ -1,6 +1,7 @@
 """The GPU-shaped mode (UNLEARN_GPU_SHAPED=1): a CPU takes the GPU's branches, so these tests run the code a GPU runs:
 bf16 autocast, channels-last, fused Adam, and a training loop without host syncs per step."""
 import argparse
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from conftest import run_script
 from torch import nn
 
 import common
-from unlearning import costs, training
+from unlearning import costs, tracking, training
 from unlearning import data as data_module
 
 
@@ -83,21 +84,54 @@ SETUPS = {  # name: (prepare the model, loss, optimizer factory or None for trai
 }
 
 
-@pytest.mark.parametrize("setup", SETUPS)
-def test_train_reads_the_host_only_at_the_divergence_checks(setup, gpu_shaped, monkeypatch):
+def five_steps(setup, monkeypatch):
+    """(model, batches, loss_fn, optimizer or None, before_step or None) of SETUPS[setup]: 5 steps of 8 images, the
+    divergence flag read every 2 steps."""
     prepare, loss_fn, make_optimizer, make_before_step = SETUPS[setup]
     monkeypatch.setattr(training, "DIVERGENCE_CHECK_STEPS", 2)
     model = prepare(smoke_resnet())
     data = tiny_data()
-    batches = common.Batches(data.train_images, data.train_labels, torch.arange(40), batch_size=8)  # 5 steps
-    optimizer = make_optimizer(model) if make_optimizer else None
-    before_step = make_before_step(model) if make_before_step else None
+    batches = common.Batches(data.train_images, data.train_labels, torch.arange(40), batch_size=8)
+    return (model, batches, loss_fn, make_optimizer(model) if make_optimizer else None,
+            make_before_step(model) if make_before_step else None)
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_train_reads_the_host_only_at_the_divergence_checks(setup, gpu_shaped, monkeypatch):
+    model, batches, loss_fn, optimizer, before_step = five_steps(setup, monkeypatch)
     data_module._normalization.cache_clear()  # so the constants' one-time creation is seen here
     with costs.OpCounter() as counter:
         common.train(model, batches, epochs=1, loss_fn=loss_fn, optimizer=optimizer, before_step=before_step)
     # steps 2 and 4 and the epoch's end read the divergence flag, one host read each; the normalisation constants
     # are made once per device (two host copies), not per step; nothing else reaches the host
     assert counter.sync_ops == {f"_local_scalar_dense: {costs.HOST_READ}": 3, f"lift_fresh: {costs.HOST_DATA}": 2}
+
+
+@pytest.mark.parametrize("setup", ["finetune", "l1sparse"])
+def test_tracked_training_reads_the_host_at_the_same_checks_and_logs_every_step(setup, gpu_shaped, monkeypatch):
+    """--track adds no host read per step: the losses wait on the device and come back in one transfer at each
+    divergence check (host_values, which a CPU cannot count as a sync), every step's loss and lr logged."""
+    model, batches, loss_fn, optimizer, before_step = five_steps(setup, monkeypatch)
+    logged, reads, losses = [], [], []
+    tracker = tracking.Tracker()
+    tracker.sinks = [SimpleNamespace(name="list", log=lambda values, step: logged.append((step, values)))]
+    monkeypatch.setattr(tracking, "host_values", lambda tensor: reads.append(len(tensor)) or tensor.tolist())
+
+    def kept_loss(model, inputs, labels):
+        loss = loss_fn(model, inputs, labels)
+        losses.append(loss.detach())
+        return loss
+    data_module._normalization.cache_clear()
+    with costs.OpCounter() as counter, tracking.activate(tracker):
+        common.train(model, batches, epochs=1, loss_fn=kept_loss, optimizer=optimizer, before_step=before_step)
+    assert counter.sync_ops == {f"_local_scalar_dense: {costs.HOST_READ}": 3, f"lift_fresh: {costs.HOST_DATA}": 2}
+    assert reads == [2, 2, 1]  # at steps 2 and 4 and the epoch's end, beside the divergence flag's reads
+    per_step = [(step, values) for step, values in logged if "train/loss" in values]
+    assert [step for step, _ in per_step] == [1, 2, 3, 4, 5]
+    assert [values["train/loss"] for _, values in per_step] == [loss.float().item() for loss in losses]
+    lr = (optimizer or common.make_adam(model.parameters(), common.PAPER_RECIPE["lr"])).param_groups[0]["lr"]
+    assert {values["train/lr"] for _, values in per_step} == {lr}
+    assert logged[-1][0] == 5 and set(logged[-1][1]) == {"train/images_per_s"}
 
 
 def conv_layouts(model, inputs):

@@ -1,4 +1,5 @@
 import argparse
+import contextlib
 import copy
 
 import pytest
@@ -222,3 +223,53 @@ def test_lora_on_a_masked_model_bakes_the_frozen_masks_and_keeps_the_trained_one
     convs = dict(merged.named_modules())
     for name, mask in masks.items():
         assert torch.all(convs[name].weight[mask == 0] == 0)
+
+
+def trained_adapters(arch, pruned, recompute_branch, gpu_shaped, cifar_dir):
+    """(losses, trained parameters) of three steps of common.train with LoRA at dropout 0.1, recomputing the
+    adapter branch in backward or not, in fp32 or the GPU-shaped mode (bf16 autocast, channels-last, fused Adam)."""
+    with common.gpu_shaped_mode() if gpu_shaped else contextlib.nullcontext():
+        torch.manual_seed(0)
+        model = common.to_device(common.build_model(arch, "smoke"), "cpu")
+        if pruned:
+            common.prune(model, 0.5)
+        adapted = common.add_lora(model, settings_for(arch, model, lora_dropout=0.1), torch.zeros(2, 3, 32, 32),
+                                  recompute_branch=recompute_branch)
+        for param in adapted.parameters():
+            if param.requires_grad:
+                nn.init.normal_(param, std=0.05)  # lora_B starts at zero: random, so every gradient is nonzero
+        batches, _ = tiny_batches(cifar_dir, n=40)
+        losses = []
+
+        def recorded_loss(model, inputs, labels):
+            losses.append(common.cross_entropy(model, inputs, labels))
+            return losses[-1]
+        common.train(adapted, batches, epochs=1, lr=1e-2, loss_fn=recorded_loss)
+    return torch.stack(losses).detach(), {name: p.detach() for name, p in adapted.named_parameters()
+                                          if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch, pruned, gpu_shaped", [("resnet50", False, False), ("resnet50", True, True),
+                                                      ("vit", False, True), ("vit", True, False)])
+def test_recomputed_branch_trains_bit_for_bit_like_peft(arch, pruned, gpu_shaped, cifar_dir):
+    losses, params = trained_adapters(arch, pruned, True, gpu_shaped, cifar_dir)
+    peft_losses, peft_params = trained_adapters(arch, pruned, False, gpu_shaped, cifar_dir)
+    assert len(losses) == 3 and torch.equal(losses, peft_losses)
+    assert params.keys() == peft_params.keys()
+    assert all(torch.equal(params[name], peft_params[name]) for name in params), "same dropout masks, same steps"
+
+
+def test_recomputed_branch_keeps_no_copy_of_the_input():
+    torch.manual_seed(0)
+    inputs, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
+    saved = {}
+    for dropout, recompute in [(0.1, True), (0.1, False), (0.0, False)]:
+        model = common.build_model("resnet50", "smoke")
+        adapted = common.add_lora(model, settings_for("resnet50", model, lora_dropout=dropout),
+                                  torch.zeros(2, 3, 32, 32), recompute_branch=recompute)
+        adapters = [m for m in adapted.modules() if isinstance(m, LoraLayer)]
+        assert all(("forward" in vars(a)) == (recompute and dropout > 0) for a in adapters)
+        saved[dropout, recompute] = saved_for_backward_bytes(adapted.train(), inputs, labels)
+    # peft at dropout 0 keeps the layer inputs (shared with the base convolutions) and the rank-r hidden tensors;
+    # recomputed, dropout 0.1 keeps less than that, and far less than peft's dropped copies
+    assert saved[0.1, True] < saved[0.0, False] < saved[0.1, False]

@@ -132,6 +132,18 @@ def test_options_at_their_off_values_train_exactly_as_without_them():
     assert not all(torch.equal(before[k], mixed_model[k]) for k in before)
 
 
+def test_lr_milestones_divide_the_lr_by_ten_after_their_share_of_the_epochs():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    recipe = dict(common.PRETRAIN_OPTIONS, epochs=5, lr=0.1, lr_milestones=[0.5, 0.75])  # after epochs 2 and 3
+    scheduler = training.lr_schedule(optimizer, recipe, steps_per_epoch=3)
+    lrs = []
+    for _ in range(15):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.1] * 6 + [0.01] * 3 + [0.001] * 6)
+
+
 SMOKE = ["--arch", "vit", "--preset", "smoke", "--device", "cpu", "--epochs", "2", "--eval-every", "0"]
 
 

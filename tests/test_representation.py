@@ -155,6 +155,8 @@ def test_features_are_the_classifier_input(arch, mode):
     x = common.normalize(images)
     if arch == "vit":
         expected = model.forward_head(model.forward_features(x), pre_logits=True)
+    elif arch == "vgg16_bn":  # the input of the last of the classifier's three linear layers
+        expected = model.classifier[:-1](torch.flatten(model.avgpool(model.features(x)), 1))
     else:
         stem = model.relu(model.bn1(model.conv1(x)))
         expected = torch.flatten(model.avgpool(model.layer4(model.layer3(model.layer2(model.layer1(stem))))), 1)

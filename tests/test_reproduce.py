@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,7 @@ from matplotlib.text import Text
 
 import common
 import reproduce
-from unlearning import data, records, runners, scripts, sweep
+from unlearning import data, measure, metrics, records, representation, runners, scripts, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE_PRETRAIN_EPOCHS = common.SMOKE["pretrain_epochs"]
@@ -273,11 +274,28 @@ def test_a_crashing_step_stops_the_sweep_with_its_traceback_and_the_unit_resumes
 
 def test_overlapped_evaluation_gives_the_same_records_and_every_record_says_where_its_time_went(
         cifar_dir, workdir, in_process, capsys, monkeypatch):
-    """The MIA's and probe's fits in a worker thread give the same metrics as in line; each record's time parts add
-    up to its seconds; the data is read from disk once for the whole sweep."""
+    """The MIA's and probe's fits in a worker thread give the same metrics as in line, and none of them is running
+    while a step is timed; each record's time parts add up to its seconds; the data is read from disk once for the
+    whole sweep."""
     reads = []
     real_read = data._read_data
     monkeypatch.setattr(data, "_read_data", lambda *args: reads.append(args) or real_read(*args))
+    fitting, fitting_when_timed = [], []
+
+    def watched(fit):
+        def run(*args):
+            fitting.append(fit)
+            try:
+                time.sleep(0.2)  # a slow fit: without the wait before the next timed block, it would overlap it
+                return fit(*args)
+            finally:
+                fitting.remove(fit)
+        return run
+    monkeypatch.setattr(metrics, "mia_efficacy", watched(metrics.mia_efficacy))
+    monkeypatch.setattr(representation, "fit_probe", watched(representation.fit_probe))
+    real_enter = measure.Measure.__enter__
+    monkeypatch.setattr(measure.Measure, "__enter__",
+                        lambda block: (real_enter(block), fitting_when_timed.append(len(fitting)))[0])
 
     def records():
         found = {}
@@ -300,6 +318,7 @@ def test_overlapped_evaluation_gives_the_same_records_and_every_record_says_wher
         assert out.splitlines()[-1].startswith("sweep: ")
     inline, overlapped = sweeps["--no-overlap-evaluation"][0], sweeps["--overlap-evaluation"][0]
     assert len(inline) == 4 and inline == overlapped
+    assert len(fitting_when_timed) == 2 * (2 + 2 * 2) and not any(fitting_when_timed)  # pre- and retrain; 2 a method
     last = sweeps["--overlap-evaluation"][1]
     parts = [last["time"][key] for key in sweep.TIME_PARTS]
     assert last["time"]["training_s"] == pytest.approx(last["RTE_s"], abs=1e-3)

@@ -13,7 +13,7 @@ METHODS = ["finetune", "pruneft", "lora", "loraprune"]
 JSON_KEYS = {"path", "arch", "method", "UA", "RA", "TA", "MIA_efficacy", "RTE_s", "peak_gpu_mem_mb"}
 
 
-@pytest.mark.parametrize("arch", ["resnet50", "vit"])
+@pytest.mark.parametrize("arch", common.ARCHS)
 def test_every_script_runs_and_evaluate_reads_what_it_wrote(arch, cifar_dir, workdir):
     smoke = ["--arch", arch, "--preset", "smoke", "--data", cifar_dir]
     assert run_script("pretrain.py", *smoke) == 0
@@ -82,7 +82,7 @@ def test_weights_of_the_other_arch_are_refused_and_nothing_is_overwritten(origin
     out.write_bytes(b"precious")
     assert run_script("pruneft.py", "--arch", "resnet50", "--preset", "smoke", "--data", cifar_dir,
                       "--weights", original_weights("vit"), "--out", out) == 1
-    assert "holds a vit model, not resnet50" in one_line_error(capsys)
+    assert "its meta says arch vit, not resnet50 as --arch says" in one_line_error(capsys)
     assert out.read_bytes() == b"precious"
 
 

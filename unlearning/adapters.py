@@ -1,14 +1,16 @@
-"""LoRA adapters through peft: settings per arch, attaching them (checked to be called), merging them away."""
+"""LoRA adapters through peft: settings per arch, attaching them (checked to be called) with their branch recomputed
+in backward, merging them away."""
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
+from torch.utils.checkpoint import checkpoint
 
 from .errors import UserError
-from .models import is_channels_last, keep_layout
+from .models import LORA_DEFAULTS, is_channels_last, keep_layout
 from .pruning import make_masks_permanent, output_mask, pruned_layers
-from .settings import LORA_DEFAULTS
 
 
 @dataclass
@@ -34,7 +36,15 @@ def lora_settings(arch, args, model):
                         flag_or_default("lora_train_full", "train_full"))
 
 
-def add_lora(model, settings, example_input):
+def import_peft():
+    """peft (it pulls in transformers: seconds of start-up), imported where LoRA is used: run_method imports it
+    before its timed block, so that no RTE holds it."""
+    import peft
+    import peft.tuners.lora
+    return peft
+
+
+def add_lora(model, settings, example_input, recompute_branch=True):
     """Freeze the model and attach peft LoRA adapters; checks that every adapter is called in forward.
 
     Adapters on a pruned layer have their output rows masked like the layer, so merging keeps pruned
@@ -44,14 +54,19 @@ def add_lora(model, settings, example_input):
     peft casts an adapter's input to the adapter weights' dtype (fp32). Without adapter dropout (--lora-dropout 0,
     where peft puts nn.Identity) that cast is switched off: under bf16 autocast the adapter's convolution or linear
     layer casts the input back to bf16, so the cast changes no value but makes a copy of every adapted layer's input
-    that the backward pass keeps. With dropout the cast stays, since dropout on bf16 draws other masks."""
-    from peft import LoraConfig, get_peft_model  # imported here: peft pulls in transformers, seconds of start-up
-    from peft.tuners.lora import LoraLayer
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+    that the backward pass keeps. With dropout the cast stays, since dropout on bf16 draws other masks.
+
+    With recompute_branch (the default) the branch of every adapter with dropout, input cast -> dropout -> lora_A
+    -> lora_B, is recomputed in the backward pass (recompute_adapter_branches): training computes what plain peft
+    computes, but keeps nothing for backward beyond the layer's input. Without dropout the branch is left to peft:
+    with its cast off it keeps only the rank-r hidden tensor, and recomputing would add launches for that."""
+    peft = import_peft()
+    LoraLayer = peft.tuners.lora.LoraLayer  # noqa: N806 (a class)
+    config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=settings.targets, modules_to_save=settings.train_full or None)
     channels_last = is_channels_last(model)
     try:
-        peft_model = get_peft_model(model, config)
+        peft_model = peft.get_peft_model(model, config)
     except ValueError as error:
         raise UserError(f"LoRA targets {settings.targets!r}: {error}".splitlines()[0]) from None
     adapters = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
@@ -64,8 +79,43 @@ def add_lora(model, settings, example_input):
                 torch_prune.custom_from_mask(lora_b, "weight", row_mask.clone())
     make_masks_permanent(peft_model)
     peft_model = keep_layout(peft_model, channels_last)  # peft makes the adapter weights contiguous
+    if recompute_branch:
+        recompute_adapter_branches([a for a in adapters if a.cast_input_dtype_enabled])
     _assert_called(peft_model, adapters, example_input)
     return peft_model
+
+
+def recompute_adapter_branches(adapters):
+    """Make each peft LoRA layer (linear or convolution) recompute its adapter branch in the backward pass.
+
+    peft computes base(x) + lora_B(lora_A(dropout(cast(x)))) * scaling. With adapter dropout the branch keeps, for
+    backward, the dropout mask and a second copy of every adapted layer's input (the dropped one, cast to the
+    adapter weights' dtype, and under bf16 autocast cast back): at the paper's dropout 0.1 more than all of full
+    fine-tuning's activations on ResNet-50. Here the branch runs inside torch.utils.checkpoint (non-reentrant, RNG
+    state preserved): its forward keeps only its input x, which the layer's input already is, and backward reruns
+    it with the same dropout masks and autocast state, so values and gradients are those of plain peft. Outside
+    training with gradients (evaluation, no_grad) and in peft's other modes (merged, disabled, variants, mixed
+    adapter batches) the layer runs peft's own forward."""
+    for adapter in adapters:
+        adapter.forward = functools.partial(_forward_recomputing_branch, adapter)
+
+
+def _forward_recomputing_branch(layer, x, *args, **kwargs):
+    """peft's vanilla LoRA forward (lora.Linear, lora.Conv2d), with the branch recomputed in backward."""
+    if not torch.is_grad_enabled() or layer.disable_adapters or layer.merged or layer.lora_variant or kwargs:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    result = layer.base_layer(x, *args)
+    result_dtype = result.dtype
+    for name in layer.active_adapters:
+        if name in layer.lora_A:
+            result = result + checkpoint(_adapter_branch, layer, name, x, use_reentrant=False,
+                                         preserve_rng_state=True)
+    return result.to(result_dtype)
+
+
+def _adapter_branch(layer, name, x):
+    x = layer._cast_input_dtype(x, layer.lora_A[name].weight.dtype)
+    return layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](x))) * layer.scaling[name]
 
 
 def _assert_called(model, modules, example_input):

@@ -7,8 +7,8 @@ import torch
 
 from .datasets import DATASET_NAMES, DEFAULT_DATASET
 from .files import check_writable
+from .models import ARCHS, LORA_DEFAULTS
 from .settings import (
-    ARCHS,
     BATCHNORM_MODES,
     DEFAULT_FORGET_CLASS,
     PRESETS,
@@ -16,6 +16,7 @@ from .settings import (
     PRUNE_MODES,
     preset_recipe,
 )
+from .weights import DESCRIBED_FIELDS
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -129,7 +130,20 @@ def add_seed_argument(parser, what):
 
 
 def add_weights_argument(parser):
-    parser.add_argument("--weights", help="original model to unlearn from (default: model_weights/{arch}_original.pth)")
+    parser.add_argument("--weights", help="original model to unlearn from: a checkpoint of this project, a plain or "
+                                          "wrapped state dict (.pth) or a .safetensors file; --arch and --preset "
+                                          "describe one without this project's meta (default: "
+                                          "model_weights/{arch}_original.pth)")
+
+
+def add_described_arguments(parser):
+    """One flag per weights.DESCRIBED_FIELDS field (--arch, --preset, ...), for weights without this project's meta
+    (evaluate.py, export.py); left out, a flag says nothing."""
+    for field, spec in DESCRIBED_FIELDS.items():
+        default = f"default: {spec.default}" if spec.default else "needed for weights that do not say it"
+        parser.add_argument(spec.flag, dest=field, choices=spec.choices,
+                            help=f"{spec.help}; a file's own meta wins, and a flag that contradicts it is an "
+                                 f"error ({default})")
 
 
 def add_prune_arguments(parser):
@@ -140,13 +154,20 @@ def add_prune_arguments(parser):
                              "torch-pruning, so training and inference run on a smaller network (default: mask)")
 
 
+def per_arch(key, text=str):
+    """'resnet18: 8, ..., vit: 16': an LORA_DEFAULTS entry of every arch, for --help."""
+    return ", ".join(f"{arch}: {text(defaults[key])}" for arch, defaults in LORA_DEFAULTS.items())
+
+
 def add_lora_arguments(parser):
-    parser.add_argument("--lora-rank", type=positive_int, help="LoRA rank (default: 8 for resnet50, 16 for vit)")
-    parser.add_argument("--lora-alpha", type=positive_int, help="LoRA alpha (default: 16 for resnet50, 32 for vit)")
+    parser.add_argument("--lora-rank", type=positive_int, help=f"LoRA rank (default: {per_arch('rank')})")
+    parser.add_argument("--lora-alpha", type=positive_int, help=f"LoRA alpha (default: {per_arch('alpha')})")
     parser.add_argument("--lora-dropout", type=unit_interval_open_above, help="LoRA dropout (default: 0.1)")
-    parser.add_argument("--lora-targets", help="regex of module names given adapters (default: per arch, see README)")
+    parser.add_argument("--lora-targets",
+                        help="regex of module names given adapters (default: per arch, see docs/methods.md)")
     parser.add_argument("--lora-train-full", nargs="*",
-                        help="modules trained in full beside the adapters (default: fc for resnet50, none for vit)")
+                        help="modules trained in full beside the adapters (default: "
+                             f"{per_arch('train_full', lambda names: ' '.join(names) or 'none')})")
 
 
 def add_method_arguments(parser, prune=True, lora=True):

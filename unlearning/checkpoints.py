@@ -1,8 +1,8 @@
-"""Checkpoints {"model": state_dict, "meta": {...}}: atomic saving, checked loading and default file names."""
+"""Checkpoints {"model": state_dict, "meta": {...}}: atomic saving, checked loading into a model (of weights from
+anywhere, see weights.py) and default file names."""
 import functools
 import hashlib
 import importlib.metadata
-import io
 import re
 from pathlib import Path
 
@@ -13,9 +13,11 @@ from .datasets import DATASETS, DEFAULT_DATASET
 from .errors import UserError
 from .files import write_bytes
 from .forget import ForgetSpec
-from .models import build_model
+from .models import build_model, to_device
 from .pruning import resize_to_state
-from .settings import ARCHS, PRESETS, WEIGHTS_DIR
+from .settings import WEIGHTS_DIR
+from .tracking import TRACKING_FLAGS
+from .weights import DESCRIBED_FIELDS, read_weights, resolve_meta, weights_bytes
 
 
 def library_versions():
@@ -39,52 +41,56 @@ def device_name(device):
 
 
 def save_checkpoint(path, model, meta):
-    """Write {"model": state_dict, "meta": meta} atomically (files.atomic_write).
+    """Write {"model": state_dict, "meta": meta} atomically (files.atomic_write); a path ending in .safetensors gets
+    a safetensors file with meta in its metadata (weights.weights_bytes).
 
-    torch.save writes to memory first: a write error it met itself would surface as an unexplained RuntimeError,
-    one of atomic_write's own is a one-line error naming the path and the cause (no space, read-only)."""
+    The file is made in memory first: a write error torch.save met itself would surface as an unexplained
+    RuntimeError, one of atomic_write's own is a one-line error naming the path and the cause (no space, read-only)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    buffer = io.BytesIO()
-    torch.save({"model": state, "meta": meta}, buffer)
-    write_bytes(path, buffer.getbuffer())
+    write_bytes(path, weights_bytes(path, state, meta))
 
 
-def load_checkpoint(path, device="cpu", arch=None, dataset=None):
-    """(model, meta) from a checkpoint written by save_checkpoint; arch and dataset, if given, must match (meta
-    without a dataset is CIFAR-10's, as every checkpoint before the dataset table).
+def load_checkpoint(path, device="cpu", **described):
+    """(model, meta) from weights of any kind weights.read_weights reads: this project's checkpoints, plain or
+    wrapped state dicts, .safetensors files. The model is on device in the layout training gives it (to_device:
+    channels-last on the GPU's path), so evaluation runs it as the training scripts do.
 
-    Every way the file can be wrong (unreadable, not a checkpoint, malformed meta, weights that do not fit the
-    arch its meta names) is a one-line UserError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}")
+    described ({field: value or None}, fields of weights.DESCRIBED_FIELDS such as arch="vit") says what a file
+    without our meta does not; where the file's meta says it, a described value must agree. Every way the file can
+    be wrong (unreadable, a pickled object, a malformed meta, weights that do not fit the arch) is a one-line
+    UserError naming the file."""
+    state, meta = read_weights(path)
+    return model_from_weights(path, state, meta, device, **described)
+
+
+def model_from_weights(path, state, meta, device="cpu", **described):
+    """(model, meta) of a state dict and meta read from path (see load_checkpoint); meta comes back with every
+    described field filled (weights.resolve_meta)."""
+    unknown = set(described) - set(DESCRIBED_FIELDS)
+    if unknown:
+        raise TypeError(f"not a described field: {', '.join(sorted(unknown))}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        state, meta = checkpoint["model"], checkpoint["meta"]
-        meta_arch, preset, meta_dataset = meta["arch"], meta.get("preset", "full"), checkpoint_dataset(meta)
-        if meta.get("forget"):
+        if meta is not None and meta.get("forget"):
             ForgetSpec.from_dict(meta["forget"])
     except Exception as error:
-        raise UserError(f"{path} is not a checkpoint of this project ({type(error).__name__})") from None
-    if meta_arch not in ARCHS or preset not in PRESETS or meta_dataset not in DATASETS:
-        raise UserError(f"{path} names an unknown arch, preset or dataset ({meta_arch!r}, {preset!r}, "
-                        f"{meta_dataset!r})")
-    if arch is not None and meta_arch != arch:
-        raise UserError(f"{path} holds a {meta_arch} model, not {arch}: pass --arch {meta_arch} or other weights")
-    if dataset is not None and meta_dataset != dataset:
-        raise UserError(f"{path} was trained on {meta_dataset} ({DATASETS[meta_dataset].num_classes} classes), "
-                        f"not {dataset} ({DATASETS[dataset].num_classes}): pass --dataset {meta_dataset} or other "
-                        f"weights")
+        raise UserError(f"{path} has a malformed meta of this project ({type(error).__name__})") from None
+    own_meta = meta is not None
+    if own_meta and "dataset" not in meta:
+        meta = {**meta, "dataset": DEFAULT_DATASET}  # our meta written before datasets were named: CIFAR-10's
+    meta = resolve_meta(path, meta, described)
+    physical = meta.get("prune_mode") == "physical"
     model = model_for(meta)
     try:
-        if meta.get("prune_mode") == "physical":
+        if physical:
             resize_to_state(model, state)
         model.load_state_dict(state)
     except Exception:
-        raise UserError(f"{path} is not a checkpoint of arch {meta_arch} ({preset} preset"
-                        f"{', physically pruned' if meta.get('prune_mode') == 'physical' else ''}): "
-                        f"{state_mismatch(model_for(meta), state)}") from None
-    return model.to(device), meta
+        fields = ", ".join(f"{field} {meta[field]}" for field in DESCRIBED_FIELDS)
+        flags = "/".join(spec.flag for spec in DESCRIBED_FIELDS.values())
+        hint = "" if own_meta else f" (describe the file with {flags})"
+        raise UserError(f"{path} does not fit {fields}{' (physically pruned)' if physical else ''}: "
+                        f"{state_mismatch(model_for(meta), state)}{hint}") from None
+    return to_device(model, device), meta
 
 
 def checkpoint_dataset(meta):
@@ -99,17 +105,24 @@ def model_for(meta):
 
 
 def state_mismatch(model, state):
-    """A short description of how state differs from model's state dict: counts and one example."""
-    if not isinstance(state, dict):
-        return f"its weights are a {type(state).__name__}, not a state dict"
+    """How state differs from model's state dict: the count of missing, unexpected and mis-shaped tensors, with
+    one example of each."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [k for k in expected if k in state and getattr(state[k], "shape", None) != expected[k].shape]
-    parts = [f"{len(keys)} {what}" for keys, what in ((missing, "missing"), (unexpected, "unexpected"),
-                                                       (shapes, "mis-shaped")) if keys]
-    example = (missing or unexpected or shapes or ["?"])[0]
-    return f"{', '.join(parts) or 'incompatible'} tensors (e.g. {example})"
+    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    parts = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in ((missing, "missing"),
+                                                                       (unexpected, "unexpected"))
+             if keys]
+    if shapes:
+        shape = shapes[0]
+        parts.append(f"{len(shapes)} of another shape (e.g. {shape}: {shape_text(state[shape])} in the file, "
+                     f"{shape_text(expected[shape])} in the model)")
+    return f"tensors {', '.join(parts)}" if parts else "tensors that do not load"
+
+
+def shape_text(tensor):
+    return "x".join(map(str, tensor.shape)) or "scalar"
 
 
 def weights_path(arch, method, preset="full", spec=None, seed=None, settings=None, dataset=DEFAULT_DATASET):
@@ -130,7 +143,8 @@ def weights_path(arch, method, preset="full", spec=None, seed=None, settings=Non
 # Flags that are part of the name already (arch, preset, dataset, forget setting, seed) or do not change what is
 # learnt.
 NAMED_OR_NEUTRAL_FLAGS = {"help", "arch", "preset", "dataset", "seed", "forget_class", "forget_random", "forget_seed",
-                          "data", "device", "deterministic", "out", "weights", "eval_every", "compile"}
+                          "data", "device", "deterministic", "out", "weights", "eval_every", "compile",
+                          *TRACKING_FLAGS}
 
 
 def setting_text(value):

@@ -156,11 +156,31 @@ class SavedBytes:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
 
 
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's per-module tracker: every FLOP goes to "Global" only."""
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def total_flop_counter():
+    """A FlopCounterMode that counts totals (per op, under "Global") without its per-module tracking, whose backward
+    hooks keep the tensors of torch.utils.checkpoint's reruns alive into the next step: live memory that a plain
+    run frees at once."""
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+    counter.mod_tracker = _GlobalOnly()
+    return counter
+
+
 class Recorder:
     """FLOPs, ops, syncs and live memory together, cut into windows by mark(): each window's counts and peak."""
 
     def __init__(self):
-        self.flops = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+        self.flops = total_flop_counter()
         self.counter = OpCounter()
         self.windows = []
         self._start, self._start_live = None, 0

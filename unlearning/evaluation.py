@@ -1,25 +1,27 @@
 """Evaluating one checkpoint into a dict of metrics, and markdown tables of such rows."""
-from .checkpoints import checkpoint_dataset, load_checkpoint
+from .checkpoints import load_checkpoint
 from .data import load_data
 from .forget import ForgetSpec, check_classes, make_splits
 from .metrics import evaluate_model, run_now
 
 
 def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cache=None, extra_metrics=None,
-                        submit=run_now, dataset=None):
+                        submit=run_now, described=None):
     """Metrics of one checkpoint as a dict with keys path, arch, dataset, method, UA, RA, TA, MIA_efficacy, RTE_s,
-    peak_gpu_mem_mb (and forget, forget_names, seed, preset). The data is the dataset the checkpoint's meta names
-    (which must be dataset, if given); data_cache maps (data_root, preset, dataset) to loaded data.
+    peak_gpu_mem_mb (and forget, forget_names, seed, preset). The data is the dataset the checkpoint's meta names;
+    data_cache maps (data_root, preset, dataset) to loaded data.
     The forget setting is the checkpoint's unless spec is given;
     a checkpoint without one (the original model) is scored on the default (class 3). The MIA draws its
     samples with the seed recorded in the checkpoint unless seed is given.
     extra_metrics(model, meta, data, splits, spec, seed) -> dict adds further metrics (unlearning.representation's).
-    The MIA's SVC goes through submit (see evaluate_model)."""
-    model, meta = load_checkpoint(path, device, dataset=dataset)
+    The MIA's SVC goes through submit (see evaluate_model). described ({field: value}, e.g. {"arch": "vit"}) says
+    what weights without this project's meta do not, and must agree with a meta that says it (see
+    load_checkpoint)."""
+    model, meta = load_checkpoint(path, device, **(described or {}))
     if seed is None:
         seed = meta.get("seed") or 0
     spec = spec or (ForgetSpec.from_dict(meta["forget"]) if meta.get("forget") else ForgetSpec())
-    preset, dataset = meta.get("preset", "full"), checkpoint_dataset(meta)
+    preset, dataset = meta["preset"], meta["dataset"]
     check_classes(spec, dataset)
     cache = {} if data_cache is None else data_cache
     if (data_root, preset, dataset) not in cache:

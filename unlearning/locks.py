@@ -107,6 +107,7 @@ class UnitLock:
 
 
 def unit_lock(unit, preset, spec):
-    return UnitLock(LOCKS_DIR / f"{results_stem(unit.arch, preset, spec)}_s{unit.seed}-{unit.kind}.lock")
+    stem = results_stem(unit.arch, preset, spec, benchmark=unit.benchmark)
+    return UnitLock(LOCKS_DIR / f"{stem}_s{unit.seed}-{unit.kind}.lock")
 
 

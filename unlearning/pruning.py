@@ -4,15 +4,16 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from .errors import UserError
-from .models import count_parameters, input_size, is_channels_last, keep_layout
+from .models import architecture, count_parameters, input_size, is_channels_last, keep_layout
 from .settings import PRUNE_AMOUNT
+
+TRACE_BATCH_SIZE = 1  # images in the example batch torch-pruning traces the model with
 
 
 def prune_targets(model):
-    """Layers whose output channels/features are pruned. ResNet: every conv. ViT: every MLP hidden layer."""
-    if hasattr(model, "blocks"):
-        return [block.mlp.fc1 for block in model.blocks]
-    return [module for module in model.modules() if isinstance(module, nn.Conv2d)]
+    """Layers whose output channels/features are pruned, as the model's ARCHITECTURES row states them: the CNNs
+    every conv, the ViT every MLP hidden layer."""
+    return architecture(model).prune_targets(model)
 
 
 def prune(model, amount=PRUNE_AMOUNT, mode="mask"):
@@ -71,18 +72,17 @@ def prune_physically(model, amount=PRUNE_AMOUNT):
     """Remove the `amount` share of channels/features with torch-pruning, so the network is really smaller.
 
     Channels coupled through residual connections are pruned together (torch-pruning's dependency graph),
-    ranked by group L2 norm. The scope is the mask mode's: ResNet every conv, ViT only the MLP hidden units;
-    the classifier's class rows are never pruned."""
-    if hasattr(model, "blocks"):
-        hidden = {block.mlp.fc1 for block in model.blocks}
-        ignored = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m not in hidden]
-        unwrapped = [(model.pos_embed, 2)]
-    else:
-        ignored, unwrapped = [model.fc], None
+    ranked by group L2 norm. The scope is the mask mode's (prune_targets): every other conv or linear layer keeps
+    its outputs, so the classifier's class rows are never pruned; a layer after a pruned one loses the matching
+    inputs."""
+    row = architecture(model)
+    targets = set(row.prune_targets(model))
+    ignored = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m not in targets]
+    unwrapped = row.unwrapped_parameters(model) if row.unwrapped_parameters else None
     tp = import_torch_pruning()
     channels_last = is_channels_last(model)
     device = next(model.parameters()).device
-    example = torch.zeros(1, 3, input_size(model), input_size(model), device=device)
+    example = torch.zeros(TRACE_BATCH_SIZE, 3, input_size(model), input_size(model), device=device)
     training = model.training
     model.eval()  # tracing runs a forward pass: keep BatchNorm statistics as they are
     pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),

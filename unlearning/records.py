@@ -17,7 +17,8 @@ import torch
 from .checkpoints import device_name, library_versions
 from .datasets import DATASET_NAMES
 from .errors import DamagedFile
-from .settings import ARCHS, PAPER_RECIPE, PRESETS, REPOSITORY, preset_recipe, pretrain_recipe
+from .models import ARCHS, pretrain_recipe
+from .settings import PAPER_RECIPE, PRESETS, REPOSITORY, preset_recipe
 
 # What a record must share with the plan to be reused; a difference in any of them makes it stale. Code
 # version, device and library versions are recorded and shown in the tables, but do not make a record stale.
@@ -81,9 +82,12 @@ def script_recipe(script):
 
 
 def recipe(run, preset):
-    """The training recipe the run's script resolves for the sweep's flags: the pretraining recipe, or the method
-    script's own, with the preset's overrides."""
-    base = pretrain_recipe(run.arch, run.dataset) if run.from_scratch else script_recipe(run.script)
+    """The training recipe the run's script resolves for the sweep's flags: a benchmark's recipe for the run, else
+    the pretraining recipe or the method script's own, with the preset's overrides."""
+    if run.recipe is not None:
+        base = run.recipe
+    else:
+        base = pretrain_recipe(run.arch, run.dataset) if run.from_scratch else script_recipe(run.script)
     return preset_recipe(base, preset, run.from_scratch)
 
 

@@ -16,14 +16,14 @@ import torch
 
 from . import evaluation
 from .arguments import number, open_unit_interval
-from .checkpoints import checkpoint_dataset, load_checkpoint, weights_path
+from .checkpoints import checkpoint_dataset, model_from_weights, weights_path
 from .data import Batches, normalize
 from .datasets import DEFAULT_DATASET
 from .errors import UserError
 from .metrics import accuracy, predict, run_now
-from .models import to_device
 from .settings import EVAL_BATCH_SIZE, PAPER_RECIPE
 from .training import make_adam, seed_everything, train
+from .weights import read_weights
 
 PROBE_PER_CLASS = 500      # training images per class the probe is fitted on (a seeded sample)
 PROBE_CHECK_PER_CLASS = 100  # test images per retained class for Probe-TA, the check that the probe works
@@ -219,10 +219,18 @@ def find_original(path, meta, originals=(), cache=None, device="cpu"):
     cache = {} if cache is None else cache
 
     def load(candidate):
+        """(model, meta), or None for a checkpoint of another arch, preset or dataset; weights without this
+        project's meta are taken to be of the evaluated model's arch, preset and dataset."""
         key = ("original model", str(candidate), str(device))
         if key not in cache:
-            model, original_meta = load_checkpoint(candidate, device)
-            cache[key] = to_device(model, device), original_meta
+            state, original_meta = read_weights(candidate)
+            if original_meta is not None and (original_meta["arch"], original_meta.get("preset", "full"),
+                                              checkpoint_dataset(original_meta)) != (arch, preset, dataset):
+                cache[key] = None
+            else:
+                model, original_meta = model_from_weights(candidate, state, original_meta, device, arch=arch,
+                                                          preset=preset, dataset=dataset)
+                cache[key] = model, original_meta
         return cache[key]
 
     candidates = [(Path(p), "--original") for p in originals]
@@ -232,11 +240,8 @@ def find_original(path, meta, originals=(), cache=None, device="cpu"):
         candidates.append((Path(path), "the checkpoint itself"))
     candidates.append((weights_path(arch, "original", preset, dataset=dataset), "default path"))
     for candidate, how in candidates:
-        if candidate.is_file():
-            model, original_meta = load(candidate)
-            if (original_meta["arch"], original_meta.get("preset", "full"), checkpoint_dataset(original_meta)) == \
-                    (arch, preset, dataset):
-                return model, {"original_weights": str(candidate), "original_from": how}
+        if candidate.is_file() and load(candidate) is not None:
+            return load(candidate)[0], {"original_weights": str(candidate), "original_from": how}
     return None, {"original_weights": None, "original_from": f"not found: pass --original PATH (a {arch} "
                                                              f"{preset}-preset original model of {dataset})"}
 
@@ -262,7 +267,7 @@ def representation_metrics(model, original, data, splits, spec, seed=0, probe=Fa
 
 def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cache=None, probe=False, cka=False,
                         relearn=False, originals=(), relearn_fraction=RELEARN["fraction"],
-                        relearn_max_steps=RELEARN["max_steps"], submit=run_now, dataset=None):
+                        relearn_max_steps=RELEARN["max_steps"], submit=run_now, described=None):
     """evaluate_checkpoint's row plus the asked-for representation metrics (and, for CKA and relearn,
     original_weights / original_from: where the original model came from). data_cache also keeps the
     loaded original models between calls. The MIA's and the probe's fits go through submit: with an executor's,
@@ -277,7 +282,7 @@ def evaluate_checkpoint(path, data_root, device, spec=None, seed=None, data_cach
                                           relearn_fraction, relearn_max_steps, submit), **source}
 
     return evaluation.evaluate_checkpoint(path, data_root, device, spec, seed, cache, extra_metrics=extra_metrics,
-                                          submit=submit, dataset=dataset)
+                                          submit=submit, described=described)
 
 
 def columns(probe=False, cka=False, relearn=False):

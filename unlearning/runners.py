@@ -11,7 +11,7 @@ import traceback
 import torch
 
 from .errors import UserError
-from .measure import Measure
+from .measure import Measure, reset_compiler_caches
 from .processes import start_child
 from .scripts import nested_cli
 from .settings import REPOSITORY
@@ -55,9 +55,11 @@ def step_failed(command, status, output):
 def run_in_process(script, flags):
     """Run REPOSITORY/script's command line in this process, as `python script flags` would, its output held back; a
     failure (an exit status, a UserError, any exception) shows the end of that output and stops the sweep with a
-    UserError. Ctrl-C and SIGTERM pass through to the caller. Returns the wall seconds of the step and of its
+    UserError. Ctrl-C and SIGTERM pass through to the caller. Dynamo's caches are reset first
+    (reset_compiler_caches). Returns the wall seconds of the step and of its
     set-up (until its training started: Measure.latest), the latter None when it never trained."""
     argv, saved_argv, output = [str(REPOSITORY / script), *map(str, flags)], sys.argv, io.StringIO()
+    reset_compiler_caches()  # a step that compiles pays its compile time, as in a process of its own
     status, start, sys.argv = 0, time.perf_counter(), argv
     try:
         with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output), nested_cli():

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import LoraSettings, add_lora, finalize, lora_settings
+from .adapters import LoraSettings, add_lora, finalize, import_peft, lora_settings
 from .arguments import (
     add_common_arguments,
     add_method_arguments,
@@ -23,17 +23,19 @@ from .arguments import (
     with_overrides,
 )
 from .checkpoints import device_name, library_versions, load_checkpoint, name_settings, save_checkpoint, weights_path
-from .data import Batches, Data, load_data, normalize
+from .data import Batches, Data, data_label, load_data, normalize
 from .datasets import DATASETS, DEFAULT_DATASET
 from .errors import Terminated, UserError, raise_terminated
 from .files import written
 from .forget import ForgetSpec, Splits, check_splits, forget_spec_from_args, make_splits
-from .measure import AccuracyCurve, Measure, default_eval_every, warm_up_on
-from .metrics import accuracy, predict
-from .models import build_model, to_device
-from .pruning import model_cost, prune
-from .settings import PAPER_RECIPE, PRETRAIN_OPTIONS, preset_recipe, pretrain_recipe
+from .measure import AccuracyCurve, Measure, batch_sizes, default_eval_every, split_accuracies, warm_up_on
+from .metrics import accuracy, evaluate_model, predict
+from .models import build_model, pretrain_recipe, to_device
+from .pruning import TRACE_BATCH_SIZE, import_torch_pruning, model_cost, prune
+from .settings import PAPER_RECIPE, PRETRAIN_OPTIONS, preset_recipe
+from .tracking import active, add_tracking_arguments, check_tracking, script_run
 from .training import deterministic_mode, seed_everything, train, train_from_scratch
+from .weights import described_by
 
 _cli_depth = 0
 
@@ -107,6 +109,32 @@ class Context:
     def example_input(self):
         return normalize(self.data.train_images[:2], self.data.dataset)
 
+    def batch_sizes(self):
+        """Every batch size the method may train on: the retain and forget sets' batches (full and last, at the
+        forget set's own batch size where the method has one)."""
+        forget_batch_size = getattr(self.args, "forget_batch_size", None) or self.batch_size
+        return (batch_sizes(len(self.splits.retain_idx), self.batch_size)
+                | batch_sizes(len(self.splits.forget_idx), forget_batch_size)
+                | batch_sizes(len(self.splits.forget_idx), self.batch_size))
+
+    def look_sizes(self):
+        """The batch sizes of the forward passes (eval mode, no gradients) that look at the model rather than train
+        it: torch-pruning's trace and the adapters' check on example_input."""
+        return {TRACE_BATCH_SIZE, len(self.example_input())}
+
+    def warm_up(self, model):
+        """An untimed warm-up of model on every batch size and mode the method meets (SCRUB's teacher included)."""
+        warm_up_on(model, self.data, self.splits.retain_idx, self.batch_size, self.batch_sizes(), self.original,
+                   self.look_sizes())
+
+    def import_libraries(self):
+        """Import the libraries the method's steps use (peft for LoRA, torch-pruning for physical pruning), so that
+        their start-up is paid before the timed block and by every run alike, whatever ran before in the process."""
+        if hasattr(self.args, "lora_rank"):
+            import_peft()
+        if getattr(self.args, "prune_mode", None) == "physical":
+            import_torch_pruning()
+
     def prune(self, model):
         """Prune model by --prune-amount and --prune-mode, recording both in the checkpoint's meta."""
         self.prune_amount = self.args.prune_amount
@@ -142,16 +170,21 @@ def run_method(method, unlearn, doc, argv=None, add_arguments=None, fit=train_on
         add_method_arguments(parser, prune=prunes, lora=uses_lora)
         if add_arguments is not None:
             add_arguments(parser)
+        add_tracking_arguments(parser)
         args = parser.parse_args(argv)
         args.method = method
+        check_tracking(args)
         recipe = preset_recipe(getattr(args, "recipe", PAPER_RECIPE), args.preset)
-        with deterministic_mode(args.deterministic):
+        with deterministic_mode(args.deterministic), script_run(args):
             return unlearn_and_save(args, unlearn, fit, name_settings(parser, args, recipe))
     return cli(main, argv)
 
 
 def unlearn_and_save(args, unlearn, fit=train_on_retain, settings=None):
     """Load the original model and data, unlearn and fit, then save; every input is checked before training.
+
+    The original is any weights load_checkpoint reads (--weights); the script's --arch and --preset describe a file
+    without this project's meta and must agree with one that has it.
 
     settings: the non-default model-changing flags (name_settings), named in the default output path."""
     spec = forget_spec_from_args(args) or ForgetSpec()
@@ -165,10 +198,7 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain, settings=None):
         raise UserError(f"no original model at {source}: run `python pretrain.py --arch {args.arch}{flags}` first, "
                         f"or pass --weights PATH")
     device = torch.device(args.device)
-    model, source_meta = load_checkpoint(source, device, arch=args.arch, dataset=args.dataset)
-    model = to_device(model, device)
-    if source_meta.get("preset", "full") != args.preset:
-        raise UserError(f"{source} was trained with --preset {source_meta.get('preset')}, not {args.preset}")
+    model = load_checkpoint(source, device, **described_by(args))[0]
     data = load_data(args.data, device, args.preset, args.dataset)
     splits = make_splits(data.train_labels, data.test_labels, spec)
     check_splits(splits, spec, args.data)
@@ -179,15 +209,19 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain, settings=None):
     seed_everything(args.seed)
     print(f"{args.method}: {len(splits.retain_idx)} retain and {len(splits.forget_idx)} forget images, "
           f"{ctx.epochs} epoch(s) on {device_name(device)}", flush=True)
-    # Untimed warm-ups: one for the device's start-up, one on the prepared model (LoRA, pruned shapes), so the
-    # RTE (unlearn + fit) holds neither; each leaves the model exactly as it was.
-    warm_up_on(model, data, splits.retain_idx, ctx.batch_size)
+    # Untimed: the libraries the method uses are imported, and two warm-ups (each leaves the model exactly as it
+    # was) run every batch shape and mode of the method: one for the device's start-up, one on the prepared model
+    # (LoRA, pruned shapes), so the RTE (unlearn + fit) holds neither.
+    ctx.import_libraries()
+    ctx.warm_up(model)
+    tracker = active().start(out.stem, lambda: tracked_settings(args, spec, recipe, settings))
     measure = Measure(device)
     with measure:
         model = unlearn(model, ctx)
-    warm_up_on(model, data, splits.retain_idx, ctx.batch_size)
-    with measure:
+    ctx.warm_up(model)
+    with measure, tracker.watching(lambda: split_accuracies(model, data, splits, ctx.batch_size)):
         model = fit(model, ctx)
+    measure.seconds -= tracker.eval_seconds  # the tracked accuracy curve is not training time
     model = finalize(model)
     meta = run_meta(args, spec, ctx.epochs, ctx.lr, ctx.batch_size, len(splits.retain_idx), measure)
     meta.update(source_weights=str(source), data_mem_mb=data.resident_mb, prune_amount=ctx.prune_amount,
@@ -196,6 +230,7 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain, settings=None):
     if ctx.hyperparameters:
         meta["hyperparameters"] = ctx.hyperparameters
     save_checkpoint(out, model, meta)
+    log_final_metrics(tracker, model, data, splits, args.seed, meta)
     report_saved(out, meta)
     return out
 
@@ -210,6 +245,22 @@ def run_meta(args, spec, epochs, lr, batch_size, train_images, measure):
             "device": device_name(args.device), "deterministic": getattr(args, "deterministic", False),
             "versions": library_versions(),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+
+def tracked_settings(args, spec, recipe, settings):
+    """The hyperparameters a tracked run shows: what it is and how it was trained."""
+    return {"arch": args.arch, "method": args.method, "dataset": args.dataset,
+            "data_label": data_label(args.data, args.dataset),
+            "forget": spec.tag if spec else None, "seed": args.seed, "preset": args.preset, "recipe": recipe,
+            "settings": settings or {}}
+
+
+def log_final_metrics(tracker, model, data, splits, seed, meta):
+    """For a run the script opened itself (--track, no sweep around it): UA, RA, TA and MIA-efficacy of the
+    trained model, as evaluate.py gives them, with its RTE and peak GPU memory."""
+    if tracker.opener == "script" and tracker:
+        tracker.log_final({**evaluate_model(model, data, splits, seed), "RTE_s": meta["rte_s"],
+                           "peak_gpu_mem_mb": meta["peak_gpu_mem_mb"]})
 
 
 def report_saved(out, meta):
@@ -227,8 +278,10 @@ def run_from_scratch(method, doc, argv=None):
                                  "meta['curve'] (retrain: the test images of the retained classes); 0: never "
                                  "(default: about ten points per run, epochs // 10)")
         add_pretrain_option_arguments(parser)
+        add_tracking_arguments(parser)
         args = parser.parse_args(argv)
         args.method = method
+        check_tracking(args)
         spec = (forget_spec_from_args(args) or ForgetSpec()) if method == "retrain" else None
         if method != "retrain" and forget_spec_from_args(args) is not None:
             raise UserError("pretrain.py trains on every training image; forget flags belong to retrain.py")
@@ -237,12 +290,12 @@ def run_from_scratch(method, doc, argv=None):
                                                                                     from_scratch=True)})
         out = check_out_path(args, weights_path(args.arch, method, args.preset, spec, settings=settings,
                                                 dataset=args.dataset))
-        with deterministic_mode(args.deterministic):
+        with deterministic_mode(args.deterministic), script_run(args):
             device = torch.device(args.device)
             data = load_data(args.data, device, args.preset, args.dataset)
             all_test = torch.arange(len(data.test_labels), device=device)
+            splits = make_splits(data.train_labels, data.test_labels, spec or ForgetSpec())
             if spec:
-                splits = make_splits(data.train_labels, data.test_labels, spec)
                 check_splits(splits, spec, args.data)
                 idx, test_idx = splits.retain_idx, splits.test_idx
             else:
@@ -259,14 +312,17 @@ def run_from_scratch(method, doc, argv=None):
             every = default_eval_every(recipe["epochs"]) if args.eval_every is None else args.eval_every
             curve = AccuracyCurve(model, data.test_images, data.test_labels, test_idx, every, recipe["epochs"],
                                   len(idx), desc=method, dataset=data.dataset)
-            with Measure(device) as measure:
+            tracker = active().start(out.stem, lambda: tracked_settings(args, spec, recipe, settings))
+            with Measure(device) as measure, tracker.watching(
+                    lambda: split_accuracies(model, data, splits, recipe["batch_size"]), every or recipe["epochs"]):
                 curve.begin()
                 train_from_scratch(model, data, idx, recipe, args.seed, desc=method, curve=curve)
-            measure.seconds -= curve.eval_seconds  # evaluation points are not training time
+            measure.seconds -= curve.eval_seconds + tracker.eval_seconds  # evaluation is not training time
             meta = run_meta(args, spec, recipe["epochs"], recipe["lr"], recipe["batch_size"], len(idx), measure)
             meta.update(recipe=recipe, settings=settings, eval_every=every, curve=curve.points,
                         data_mem_mb=data.resident_mb)
             save_checkpoint(out, model, meta)
+            log_final_metrics(tracker, model, data, splits, args.seed, meta)
             test_accuracy = accuracy(predict(model, data.test_images, all_test, dataset=data.dataset), data.test_labels)
         report_saved(out, meta)
         print(f"test accuracy (all classes): {test_accuracy:.2f} %")

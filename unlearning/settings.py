@@ -1,13 +1,13 @@
-"""Constants and recipes, named once: the paper's unlearning recipe, the from-scratch recipes, LoRA and pruning
-defaults, the smoke preset, and the switch to the GPU's code paths (each dataset's shape, classes and normalisation
-are its entry in datasets.py)."""
+"""Constants and recipes, named once: the paper's unlearning recipe, the from-scratch recipes' options, pruning
+defaults, the smoke preset, and the switch to the GPU's code paths. Each dataset's shape, classes and normalisation
+are its entry in datasets.py; each arch's own settings (builder, pruning and LoRA targets, from-scratch recipe) are
+its row in models.ARCHITECTURES."""
 import contextlib
 import os
 from pathlib import Path
 
 import torch
 
-ARCHS = ("resnet50", "vit")
 PRESETS = ("full", "smoke")
 DEFAULT_FORGET_CLASS = 3
 REPOSITORY = Path(__file__).resolve().parent.parent  # the scripts and requirements.txt
@@ -17,34 +17,15 @@ RESULTS_DIR = Path("results")
 PAPER_RECIPE = {"epochs": 5, "lr": 1e-3, "batch_size": 128}
 # The baselines' optimizer in their official code (Unlearn-Sparse / SalUn arg_parser.py, SCRUB's notebooks).
 BASELINE_SGD = {"momentum": 0.9, "weight_decay": 5e-4}
-# Training from scratch (pretrain.py, retrain.py): random crop + flip, label smoothing, one-cycle schedule.
-PRETRAIN_RECIPES = {
-    "resnet50": {"epochs": 60, "lr": 0.2, "batch_size": 512, "optimizer": "sgd", "weight_decay": 5e-4,
-                 "label_smoothing": 0.1, "warmup_fraction": 0.15},
-    "vit": {"epochs": 200, "lr": 1e-3, "batch_size": 512, "optimizer": "adamw", "weight_decay": 0.05,
-            "label_smoothing": 0.1, "warmup_fraction": 0.05},
-}
-# Changes to PRETRAIN_RECIPES for one (arch, dataset); a pair not listed trains with the arch's recipe, which
-# CIFAR-100 and Tiny ImageNet share with CIFAR-10 (Unlearn-Sparse's and SalUn's main_train.py also train every
-# dataset with one set of flags). SVHN: half the epochs, as its 73,257 training images are 1.5 times CIFAR's and
-# digits are learnt faster (this project's choice); its batches are not flipped (datasets.py, as Unlearn-Sparse's
-# dataset.py). None of these is sized on a GPU yet: the epochs are first guesses, to be checked against the
-# accuracy curve pretrain.py records.
-PRETRAIN_DATASET_CHANGES = {
-    ("resnet50", "svhn"): {"epochs": 30},
-    ("vit", "svhn"): {"epochs": 100},
-}
 # Optional PRETRAIN_RECIPES keys and the values that leave them off: a recipe without them trains exactly as before.
 # mixup_alpha / cutmix_alpha: Beta(alpha, alpha) of mixup / cutmix (0: off); mix_prob: share of batches mixed;
-# switch_prob: share of mixed batches that use cutmix when both are on (see mix_batch); compile: torch.compile.
-PRETRAIN_OPTIONS = {"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0, "switch_prob": 0.5, "compile": False}
+# switch_prob: share of mixed batches that use cutmix when both are on (see mix_batch); compile: torch.compile;
+# nesterov: Nesterov momentum of the "sgd" optimizer; lr_milestones: instead of the one-cycle schedule, the lr times
+# 0.1 after each of these shares of the epochs (a multi-step schedule; None: one-cycle).
+PRETRAIN_OPTIONS = {"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0, "switch_prob": 0.5, "compile": False,
+                    "nesterov": True, "lr_milestones": None}
 # A tiny configuration that runs every script end to end on a CPU in seconds.
 SMOKE = {"train_per_class": 30, "test_per_class": 10, "epochs": 1, "pretrain_epochs": 3, "batch_size": 64}
-# LoRA defaults per arch: rank, alpha, dropout, target-module regex, modules trained in full.
-LORA_DEFAULTS = {
-    "resnet50": {"rank": 8, "alpha": 16, "dropout": 0.1, "targets": r"layer\d\.\d+\.conv[123]", "train_full": ["fc"]},
-    "vit": {"rank": 16, "alpha": 32, "dropout": 0.1, "targets": r"blocks\.{last}\.attn\.proj|head", "train_full": []},
-}
 PRUNE_AMOUNT = 0.5
 PRUNE_MODES = ("mask", "physical")
 BATCHNORM_MODES = ("train", "frozen")
@@ -75,10 +56,6 @@ def gpu_shaped_mode():
         else:
             os.environ[GPU_SHAPED_ENV] = before
 
-
-def pretrain_recipe(arch, dataset):
-    """The from-scratch recipe of arch on dataset: PRETRAIN_RECIPES[arch] with PRETRAIN_DATASET_CHANGES applied."""
-    return {**PRETRAIN_RECIPES[arch], **PRETRAIN_DATASET_CHANGES.get((arch, dataset), {})}
 
 
 def preset_recipe(recipe, preset, from_scratch=False):

@@ -20,9 +20,11 @@ from .checkpoints import device_name
 from .data import data_key, shared_data
 from .errors import DamagedFile
 from .files import write_json
+from .measure import before_timing
 from .metrics import resolved
 from .records import (
     bench_speeds,
+    code_version,
     differences,
     fingerprint,
     model_sha256,
@@ -30,14 +32,19 @@ from .records import (
     recipe,
 )
 from .runners import free_memory, run_in_process, run_script
+from .tracking import activate, open_run
 from .units import RUNS_DIR, Run, make_run, unit_name
 
 # Seconds a run is expected to take (training and evaluation) before one of its kind was timed on this
 # device: conservative guesses per preset and arch, for --time-budget.
 DEFAULT_RUN_SECONDS = {
+    ("full", "resnet18"): {"scratch": 3600, "method": 300},
     ("full", "resnet50"): {"scratch": 1800, "method": 300},
+    ("full", "vgg16_bn"): {"scratch": 3600, "method": 300},
     ("full", "vit"): {"scratch": 3600, "method": 300},
+    ("smoke", "resnet18"): {"scratch": 60, "method": 30},
     ("smoke", "resnet50"): {"scratch": 60, "method": 30},
+    ("smoke", "vgg16_bn"): {"scratch": 60, "method": 30},
     ("smoke", "vit"): {"scratch": 60, "method": 30},
 }
 # Estimates from bench.py's rows: its runs are short and warmed up, so the training and evaluation time they
@@ -46,8 +53,9 @@ DEFAULT_RUN_SECONDS = {
 BENCH_SAFETY_FACTOR = 1.25
 RUN_START_SECONDS = 3
 # Where a run's wall time went, the keys of a record's "time" (seconds; they add up to its "seconds"), with the
-# words reproduce.py prints. Evaluation that ran in the background while the next step trained is not on the list
-# (it took no wall time of the sweep's): "background_evaluation_s" says how long it took.
+# words reproduce.py prints. Evaluation that ran in the background while the next step set up is not on the list
+# (it took no wall time of the sweep's): "background_evaluation_s" says how long it took; what the next step waited
+# for it before its timed block is in that step's start-up.
 TIME_PARTS = {"training_s": "training", "evaluation_s": "evaluation", "startup_s": "start-up and data",
               "waiting_s": "waiting", "other_s": "other"}
 
@@ -66,6 +74,7 @@ class Step:
     times: dict  # TIME_PARTS so far, and wall_s: the step's and its evaluation's wall seconds
     futures: list
     durations: list  # seconds each background task took, once it has finished
+    tracker: object = None  # --track: the run's, closed once its record is written
 
 
 class Sweep:
@@ -73,7 +82,8 @@ class Sweep:
 
     A unit's steps run one after another in this process (the data read and put on the device once, by
     reproduce.py) unless args.step_processes asks for a process per step. With args.overlap_evaluation the MIA's
-    and the probe's fits of one step run in a worker thread while the next step trains."""
+    and the probe's fits of one step run in a worker thread while the next step sets up (loads, warms up); they
+    are finished before its timed block starts (Measure.before_timing), so that no RTE holds them."""
 
     def __init__(self, args, spec, data_hash, data_cache):
         self.args, self.spec, self.data_hash, self.data_cache = args, spec, data_hash, data_cache
@@ -250,7 +260,12 @@ class Sweep:
         todo = self.pending(unit)
         original_hash, previous, done = None, None, []
         data = self.data_cache[self.data_key]
-        with shared_data() as cache, ThreadPoolExecutor(1, thread_name_prefix="evaluation") as pool:
+        background = []  # the futures of the fits running in the background
+
+        def finish_background_fits():  # none runs while a step is timed: it would slow the step, not the method
+            wait(background)
+        with (shared_data() as cache, ThreadPoolExecutor(1, thread_name_prefix="evaluation") as pool,
+              before_timing(finish_background_fits)):
             cache[data_key(self.args.data, self.args.preset, self.args.device, self.args.dataset)] = data
             try:
                 for run in unit.runs:
@@ -261,6 +276,8 @@ class Sweep:
                         print(f"  {run}: record on file, done", flush=True)
                         continue
                     print(f"  {run} ...", flush=True)
+                    if getattr(self.args, "step_processes", False):
+                        finish_background_fits()  # the step's process cannot wait for them before its timed block
                     step = self.train_and_evaluate(run, original_hash, pool)
                     if run.method == "original":
                         original_hash = step.record["model_sha256"]
@@ -268,7 +285,7 @@ class Sweep:
                         done.append(self.finish(previous))
                         previous = None
                     if self.overlap:
-                        previous = step
+                        previous, background[:] = step, step.futures
                     else:
                         done.append(self.finish(step))
             finally:
@@ -281,12 +298,18 @@ class Sweep:
         """Run's step, then its evaluation: the forward passes here, the MIA's and probe's fits in pool when
         overlapping (else here too). A Step whose record finish() completes."""
         start = time.perf_counter()
-        if getattr(self.args, "step_processes", False):
-            step_start = time.perf_counter()
-            run_script(run.script, [*run.plan_flags, *run.io_flags])
-            step_seconds, startup = time.perf_counter() - step_start, None
-        else:
-            step_seconds, startup = run_in_process(run.script, [*run.plan_flags, *run.io_flags])
+        tracker = self.open_tracker(run)
+        try:
+            if getattr(self.args, "step_processes", False):  # the child's training is not tracked, only the end
+                step_start = time.perf_counter()
+                run_script(run.script, [*run.plan_flags, *run.io_flags])
+                step_seconds, startup = time.perf_counter() - step_start, None
+            else:
+                with activate(tracker):
+                    step_seconds, startup = run_in_process(run.script, [*run.plan_flags, *run.io_flags])
+        except BaseException:
+            tracker.close()  # what the step logged before it failed is kept
+            raise
         futures, durations = [], []
 
         def submit(function, *args):
@@ -307,7 +330,7 @@ class Sweep:
         startup = step_seconds - rte if startup is None else startup  # a process per step: all of it but training
         times = {"training_s": rte, "evaluation_s": evaluation, "startup_s": startup, "waiting_s": 0.0,
                  "wall_s": time.perf_counter() - start}
-        return Step(run, record, times, futures, durations)
+        return Step(run, record, times, futures, durations, tracker)
 
     def finish(self, step):
         """Wait for step's background evaluation, then write its record (its timing in "seconds" and "time")."""
@@ -323,6 +346,9 @@ class Sweep:
                           "background_evaluation_s": round(background, 3)}
         write_json(step.run.record, record)
         self.kept.append(step.run.record)
+        if step.tracker is not None:
+            step.tracker.log_final(record)
+            step.tracker.close()
         print(f"  {step.run}: {seconds:.1f} s (RTE {record['RTE_s']:.1f} s)", flush=True)
         return record
 
@@ -336,6 +362,17 @@ class Sweep:
             self.times[key] += value
         self.background_s += background
         print(f"  {unit.name}: {time_line(parts, seconds, background)}", flush=True)
+
+    def open_tracker(self, run):
+        """The run's tracker under --track (one that logs nothing otherwise), named like its record; W&B groups the
+        sweep's runs by preset and forget setting."""
+        def settings():
+            return {"arch": run.arch, "method": run.method, "seed": run.seed, "preset": self.args.preset,
+                    "forget": self.spec.tag, "dataset": self.args.dataset,
+                    "data_label": self.args.data_label, "recipe": recipe(run, self.args.preset),
+                    "flags": [run.script, *run.plan_flags], "code": code_version()}
+        group = f"reproduce{'-smoke' if self.args.preset == 'smoke' else ''}_{self.spec.tag}"
+        return open_run(self.args, run.record.stem, settings, group)
 
     def representation_options(self, run):
         """representation.evaluate_checkpoint's options: the --probe/--cka/--relearn flags, and as the original
@@ -355,7 +392,10 @@ class Sweep:
         metrics = representation.evaluate_checkpoint(run.checkpoint, self.args.data, self.args.device, self.spec,
                                                      run.seed, data_only, **options, dataset=self.args.dataset)
         meta = torch.load(run.checkpoint, map_location="cpu", weights_only=True, mmap=True)["meta"]
-        record = {**metrics, "unit": unit_name(run.arch, run.seed, "retrain" if run.method == "retrain" else "methods"),
+        benchmark = getattr(self.args, "benchmark", None)
+        kind = "retrain" if run.method == "retrain" else "methods"
+        record = {**metrics, "method": run.method, "unit": unit_name(run.arch, run.seed, kind, benchmark),
+                  **({"benchmark": benchmark} if benchmark else {}),
                   "device": meta.get("device"), "created": meta.get("created"), "data_label": self.args.data_label,
                   "fingerprint": self.expected(run, None if run.from_scratch else original_hash)}
         if run.method == "original":

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from .data import Batches
 from .errors import TrainingDiverged, UserError
 from .settings import BASELINE_SGD, DIVERGENCE_CHECK_STEPS, PAPER_RECIPE, PRETRAIN_OPTIONS, gpu_shaped
+from .tracking import active
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend under compile (inductor needs a C++ compiler on CPU)
 
@@ -61,7 +62,9 @@ def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, 
     # its loss are kept on the device and read every DIVERGENCE_CHECK_STEPS steps and at each epoch's end.
     bad_step = torch.full((), -1, dtype=torch.int64, device=device)
     bad_loss = torch.zeros((), device=device)
+    tracker = active()  # --track: logs the losses kept on the device when the flag is read, never per step
     for epoch in range(1, epochs + 1):
+        tracker.begin_epoch()
         for step, (inputs, labels) in enumerate(tqdm(batches, desc=f"{desc} epoch {epoch}/{epochs}", leave=False,
                                                      disable=None), start=1):
             with autocast(device):
@@ -69,6 +72,7 @@ def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, 
             first_bad = (bad_step < 0) & ~torch.isfinite(loss.detach())
             bad_step = torch.where(first_bad, step, bad_step)
             bad_loss = torch.where(first_bad, loss.detach().float(), bad_loss)
+            tracker.record_step(loss, optimizer, len(labels))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if before_step is not None:
@@ -77,8 +81,11 @@ def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, 
             if scheduler is not None:
                 scheduler.step()
             if step % DIVERGENCE_CHECK_STEPS == 0:
+                tracker.read_steps()  # first, so that a tracked run that diverged shows its last losses
                 _check_finite(bad_step, bad_loss, desc, epoch, epochs, len(batches))
+        tracker.read_steps()
         _check_finite(bad_step, bad_loss, desc, epoch, epochs, len(batches))
+        tracker.end_epoch()
         if after_epoch is not None:
             after_epoch(epoch)
     return model
@@ -152,13 +159,11 @@ def train_from_scratch(model, data, idx, recipe, seed, desc="pretrain", curve=No
                       dataset=data.dataset)
     params = [p for p in model.parameters() if p.requires_grad]
     if recipe["optimizer"] == "sgd":
-        optimizer = torch.optim.SGD(params, lr=recipe["lr"], momentum=0.9, nesterov=True,
+        optimizer = torch.optim.SGD(params, lr=recipe["lr"], momentum=0.9, nesterov=options["nesterov"],
                                     weight_decay=recipe["weight_decay"])
     else:
         optimizer = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe["lr"],
-                                                    total_steps=recipe["epochs"] * len(batches),
-                                                    pct_start=recipe["warmup_fraction"])
+    scheduler = lr_schedule(optimizer, options, len(batches))
     smoothing = recipe["label_smoothing"]
     mixing = {key: options[key] for key in ("mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob")}
     mixes = bool(mixing["mixup_alpha"] or mixing["cutmix_alpha"])
@@ -182,6 +187,18 @@ def train_from_scratch(model, data, idx, recipe, seed, desc="pretrain", curve=No
     return model
 
 
+def lr_schedule(optimizer, recipe, steps_per_epoch):
+    """The recipe's schedule, stepped once per batch: one-cycle (warm-up over warmup_fraction of the steps), or with
+    lr_milestones the lr times 0.1 after each milestone's share of the epochs, rounded down to a whole epoch (0.5 and
+    0.75 of 182 epochs: after epochs 91 and 136, as Unlearn-Sparse's MultiStepLR)."""
+    if recipe["lr_milestones"]:
+        milestones = [int(share * recipe["epochs"]) * steps_per_epoch for share in recipe["lr_milestones"]]
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe["lr"],
+                                               total_steps=recipe["epochs"] * steps_per_epoch,
+                                               pct_start=recipe["warmup_fraction"])
+
+
 def seed_everything(seed):
     import random
     random.seed(seed)
@@ -192,11 +209,12 @@ def seed_everything(seed):
 @contextlib.contextmanager
 def deterministic_mode(enabled):
     """With enabled, only deterministic kernels inside the block (an op without one raises), cuDNN autotuning off;
-    the previous settings come back afterwards. CUBLAS_WORKSPACE_CONFIG must be set before cuBLAS starts, so
-    this runs before the model or the data reach the GPU."""
+    the previous settings, CUBLAS_WORKSPACE_CONFIG included, come back afterwards. CUBLAS_WORKSPACE_CONFIG must be
+    set before cuBLAS starts, so this runs before the model or the data reach the GPU."""
     if not enabled:
         yield
         return
+    workspace_config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
@@ -209,5 +227,7 @@ def deterministic_mode(enabled):
             raise
         raise UserError(f"--deterministic: {str(error).splitlines()[0]}") from None
     finally:
+        if workspace_config is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[2], saved[3]
