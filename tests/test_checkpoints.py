@@ -8,8 +8,9 @@ CLASSES = common.DATASETS["cifar10"].num_classes
 
 def test_checkpoint_round_trips_with_weights_only(tmp_path):
     model = common.build_model("vit", "smoke")
-    meta = {"arch": "vit", "preset": "smoke", "method": "finetune", "forget": common.ForgetSpec((3, 5)).to_dict(),
-            "rte_s": 1.5, "peak_gpu_mem_mb": None, "versions": common.library_versions()}
+    meta = {"arch": "vit", "preset": "smoke", "dataset": "cifar10", "method": "finetune",
+            "forget": common.ForgetSpec((3, 5)).to_dict(), "rte_s": 1.5, "peak_gpu_mem_mb": None,
+            "versions": common.library_versions()}
     path = tmp_path / "m.pth"
     common.save_checkpoint(path, model, meta)
     raw = torch.load(path, weights_only=True)

@@ -61,7 +61,7 @@ def test_export_carries_the_meta_in_the_safetensors_metadata(original_weights, w
     # a bare state dict is exported with the meta its flags describe, and then needs no flags
     torch.save(state, "bare.pth")
     assert run_script("export.py", "bare.pth", "--arch", "vit", "--preset", "smoke") == 0
-    assert common.read_weights("bare.safetensors")[1] == {"arch": "vit", "preset": "smoke"}
+    assert common.read_weights("bare.safetensors")[1] == {"arch": "vit", "preset": "smoke", "dataset": "cifar10"}
     assert common.load_checkpoint("bare.safetensors")[1]["arch"] == "vit"
 
 
@@ -96,13 +96,32 @@ def test_wrappers_and_prefixes_come_off(tmp_path):
 
 
 def test_the_file_says_what_it_can_and_the_flags_the_rest():
-    ours = {"arch": "vit", "preset": "smoke", "method": "lora"}
+    ours = {"arch": "vit", "preset": "smoke", "dataset": "svhn", "method": "lora"}
     assert common.resolve_meta("p", ours, {"arch": "vit"}) == ours
-    assert common.resolve_meta("p", None, {"arch": "vit"}) == {"arch": "vit", "preset": "full"}
-    assert common.resolve_meta("p", {"arch": "vit"}, {"preset": "smoke"}) == {"arch": "vit", "preset": "smoke"}
+    assert common.resolve_meta("p", None, {"arch": "vit"}) == {"arch": "vit", "preset": "full", "dataset": "cifar10"}
+    assert common.resolve_meta("p", {"arch": "vit"}, {"preset": "smoke", "dataset": "cifar100"}) == \
+        {"arch": "vit", "preset": "smoke", "dataset": "cifar100"}
     with pytest.raises(common.UserError, match="its meta says preset smoke, not full as --preset says"):
         common.resolve_meta("p", ours, {"preset": "full"})
+    with pytest.raises(common.UserError, match="its meta says dataset svhn, not cifar10 as --dataset says"):
+        common.resolve_meta("p", ours, {"dataset": "cifar10"})
     with pytest.raises(common.UserError, match="does not say its arch"):
         common.resolve_meta("p", None, {})
     with pytest.raises(TypeError):
         common.model_from_weights("p", {}, None, dataset_size=3)
+
+
+def test_the_dataset_describes_a_plain_state_dict_and_our_old_meta_is_cifar10s(tmp_path):
+    model = common.build_model("resnet18", "smoke", num_classes=100)
+    torch.save(model.state_dict(), tmp_path / "plain.pth")
+    loaded, meta = common.load_checkpoint(tmp_path / "plain.pth", arch="resnet18", preset="smoke", dataset="cifar100")
+    assert meta["dataset"] == "cifar100" and loaded.fc.out_features == 100
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(common.UserError, match="does not fit arch resnet18, preset smoke, dataset cifar10: .*dataset"):
+        common.load_checkpoint(tmp_path / "plain.pth", arch="resnet18", preset="smoke")
+    # meta of ours written before datasets were named is CIFAR-10's: a flag naming another dataset contradicts it
+    common.save_checkpoint(tmp_path / "old.pth", common.build_model("resnet18", "smoke"),
+                           {"arch": "resnet18", "preset": "smoke", "method": "original"})
+    assert common.load_checkpoint(tmp_path / "old.pth")[1]["dataset"] == "cifar10"
+    with pytest.raises(common.UserError, match="its meta says dataset cifar10, not svhn"):
+        common.load_checkpoint(tmp_path / "old.pth", dataset="svhn")
