@@ -14,7 +14,7 @@ from conftest import SYNTHETIC_WRITERS, run_script
 from PIL import Image
 
 import common
-from unlearning import units
+from unlearning import locks, units
 
 OTHERS = ("cifar100", "svhn", "tinyimagenet")
 
@@ -36,6 +36,7 @@ def test_each_dataset_is_read_from_its_standard_layout(name, dataset_dir):
     assert data.dataset == name and data.num_classes == info.num_classes
     for images, labels in ((data.train_images, data.train_labels), (data.test_images, data.test_labels)):
         assert images.dtype == torch.uint8 and images.shape[1:] == (3, size, size) and len(images) == len(labels)
+        assert images.is_contiguous()  # [N, C, H, W] in memory, as CIFAR-10's
         counts = torch.bincount(labels, minlength=info.num_classes)
         assert len(counts) == info.num_classes and (counts == counts[0]).all() and counts[0] > 0
     assert len(data.class_names) == info.num_classes and len(set(data.class_names)) == info.num_classes
@@ -124,6 +125,13 @@ def test_the_sweep_names_other_datasets_and_leaves_cifar10_runs_as_they_were():
     assert svhn.plan_flags[svhn.plan_flags.index("--dataset") + 1] == "svhn"
     assert "resnet50-smoke_svhn_original_s0" in str(svhn.io_flags)
     assert units.results_stem("vit", "full", common.ForgetSpec((5,)), "svhn") == "vit_svhn_class5"
+    assert units.results_stem("resnet18", "smoke", common.ForgetSpec(random_fraction=0.1), "cifar10", "salun") == \
+        "resnet18-smoke_random10_bench=salun"
+    # a sweep of another dataset locks its own units, so two sweeps of one arch and seed do not wait on each other
+    unit = units.Unit("resnet50", 0, "methods", [cifar10])
+    lock_name = "resnet50-smoke_svhn_s0-methods.lock"
+    assert locks.unit_lock(unit, "smoke", common.ForgetSpec(), "svhn").path.name == lock_name
+    assert locks.unit_lock(unit, "smoke", common.ForgetSpec()).path.name == lock_name.replace("_svhn", "")
 
 
 # The four paper methods share their training code; what depends on the dataset (class count, input size for
@@ -162,12 +170,16 @@ def test_pretrain_the_paper_methods_retrain_and_evaluate_run_on_each_dataset(nam
         assert all(0 <= row[key] <= 100 for key in ("UA", "RA", "TA", "MIA_efficacy"))
 
 
-def test_the_vit_runs_on_tiny_imagenet(dataset_dir, workdir):
-    flags = ["--arch", "vit", "--dataset", "tinyimagenet", "--preset", "smoke", "--data", dataset_dir("tinyimagenet"),
+@pytest.mark.parametrize(("arch", "prune_mode"), [("vit", "mask"), ("resnet18", "physical"), ("vgg16_bn", "physical")])
+def test_every_arch_runs_on_tiny_imagenet(arch, prune_mode, dataset_dir, workdir):
+    """64x64 inputs and 200 classes through pretraining, pruning's traces (physical for the CNNs) and LoRA."""
+    flags = ["--arch", arch, "--dataset", "tinyimagenet", "--preset", "smoke", "--data", dataset_dir("tinyimagenet"),
              "--device", "cpu", "--epochs", "1"]
-    original = common.weights_path("vit", "original", "smoke", dataset="tinyimagenet")
+    original = common.weights_path(arch, "original", "smoke", dataset="tinyimagenet")
     assert run_script("pretrain.py", *flags, "--out", original) == 0
-    assert run_script("loraprune.py", *flags, "--forget-class", "150", "--out", "vit.pth") == 0
-    model, meta = common.load_checkpoint("vit.pth", "cpu")
+    assert run_script("loraprune.py", *flags, "--forget-class", "150", "--prune-mode", prune_mode,
+                      "--out", f"{arch}.pth") == 0
+    model, meta = common.load_checkpoint(f"{arch}.pth", "cpu")
     assert meta["dataset"] == "tinyimagenet" and meta["forget"]["classes"] == [150]
+    assert meta["prune_mode"] == prune_mode and common.input_size(model) == 64
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 200)

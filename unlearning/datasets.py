@@ -201,7 +201,9 @@ def _decode_all(paths, size):
     if not paths:
         return np.zeros((0, 3, size, size), np.uint8)
     with ThreadPoolExecutor(8) as pool:  # the decoder releases the GIL
-        return np.stack(list(pool.map(lambda path: _decode(path, size), paths)))
+        # Stacked [C, H, W] views of [H, W, C] arrays come out channels-last; held contiguous like every other
+        # dataset (the GPU's path makes each batch channels-last itself, see data.normalize).
+        return np.ascontiguousarray(np.stack(list(pool.map(lambda path: _decode(path, size), paths))))
 
 
 def _read_tiny_imagenet(root, per_class=None):
