@@ -214,9 +214,11 @@ def bench_evaluation(args, arch, source, data, splits):
     """Seconds of evaluate.py's work on one checkpoint: load it, predict train and test images, UA/RA/TA/MIA."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"{arch}.pth"
-        common.save_checkpoint(path, source, {"arch": arch, "preset": args.preset, "method": "original"})
+        common.save_checkpoint(path, source, {"arch": arch, "preset": args.preset, "dataset": args.dataset,
+                                              "method": "original"})
         with common.Measure(args.device) as measure:
-            common.evaluate_checkpoint(path, args.data, args.device, data_cache={(args.data, args.preset): data})
+            common.evaluate_checkpoint(path, args.data, args.device,
+                                       data_cache={(args.data, args.preset, args.dataset): data})
     images = len(data.train_labels) + len(splits.test_idx)
     return {"arch": arch, "task": "evaluate", "style": "project", "seconds": measure.seconds,
             "images_per_s": images / measure.seconds, "peak_gpu_mem_mb": measure.peak_gpu_mem_mb}

@@ -192,7 +192,7 @@ def run_units(plan, units, args, argv, started):
                 left.append(unit)
                 continue
             prefix += f" (expected {expected:.0f} s from {source}, {remaining:.0f} s of the budget left)"
-        lock = locks.unit_lock(unit, args.preset, plan.spec)
+        lock = locks.unit_lock(unit, args.preset, plan.spec, args.dataset)
         holder = lock.acquire()
         if holder:
             print(f"{prefix}: skipped, another process holds its lock: {holder}")

@@ -115,7 +115,8 @@ def test_the_archs_from_scratch_recipe_is_the_benchmarks():
     assert [int(share * arch["epochs"]) for share in arch["lr_milestones"]] == theirs["lr_drop_epochs"]
 
 
-@pytest.mark.parametrize("flags", [["--arch", "resnet50"], ["--forget-class", "3"], ["--methods", "scrub"]])
+@pytest.mark.parametrize("flags", [["--arch", "resnet50"], ["--forget-class", "3"], ["--methods", "scrub"],
+                                   ["--dataset", "cifar100"]])
 def test_benchmark_refuses_flags_that_change_its_setting(flags, capsys):
     with pytest.raises(SystemExit) as stop:
         common.cli(reproduce.main, ["--benchmark", "salun", "--list-units", "--device", "cpu", *flags])

@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+from .datasets import DEFAULT_DATASET
 from .files import create_new, write_error
 from .settings import RESULTS_DIR
 from .units import results_stem
@@ -106,8 +107,8 @@ class UnitLock:
             self.held = False
 
 
-def unit_lock(unit, preset, spec):
-    stem = results_stem(unit.arch, preset, spec, benchmark=unit.benchmark)
+def unit_lock(unit, preset, spec, dataset=DEFAULT_DATASET):
+    stem = results_stem(unit.arch, preset, spec, dataset, unit.benchmark)
     return UnitLock(LOCKS_DIR / f"{stem}_s{unit.seed}-{unit.kind}.lock")
 
 
