@@ -3,8 +3,8 @@
     python export.py model_weights/resnet50_loraprune.pth      # -> model_weights/resnet50_loraprune.safetensors
     python export.py my_state_dict.pth --arch vit --out vit_original.safetensors
 
-Reads whatever evaluate.py reads (this project's checkpoints, plain or wrapped state dicts, .safetensors); --arch
-and --preset describe a file without this project's meta, and the exported file carries them. Every input is
+Reads whatever evaluate.py reads (this project's checkpoints, plain or wrapped state dicts, .safetensors); --arch,
+--preset and --dataset describe a file without this project's meta, and the exported file carries them. Every input is
 loaded into its model first, so an export always fits its arch; nothing is written unless every input loads.
 evaluate.py and every script's --weights read the export back, meta included.
 """

@@ -1,4 +1,4 @@
-"""Train the original model from scratch on all 50,000 CIFAR-10 training images.
+"""Train the original model from scratch on every training image of --dataset (default: CIFAR-10's 50,000).
 
     python pretrain.py --arch resnet50            # -> model_weights/resnet50_original.pth
     python pretrain.py --arch vit --preset smoke  # tiny CPU check

@@ -131,8 +131,8 @@ def add_seed_argument(parser, what):
 
 def add_weights_argument(parser):
     parser.add_argument("--weights", help="original model to unlearn from: a checkpoint of this project, a plain or "
-                                          "wrapped state dict (.pth) or a .safetensors file; --arch and --preset "
-                                          "describe one without this project's meta (default: "
+                                          "wrapped state dict (.pth) or a .safetensors file; --arch, --preset and "
+                                          "--dataset describe one without this project's meta (default: "
                                           "model_weights/{arch}_original.pth)")
 
 

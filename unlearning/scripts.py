@@ -183,8 +183,8 @@ def run_method(method, unlearn, doc, argv=None, add_arguments=None, fit=train_on
 def unlearn_and_save(args, unlearn, fit=train_on_retain, settings=None):
     """Load the original model and data, unlearn and fit, then save; every input is checked before training.
 
-    The original is any weights load_checkpoint reads (--weights); the script's --arch and --preset describe a file
-    without this project's meta and must agree with one that has it.
+    The original is any weights load_checkpoint reads (--weights); the script's --arch, --preset and --dataset
+    describe a file without this project's meta and must agree with one that has it.
 
     settings: the non-default model-changing flags (name_settings), named in the default output path."""
     spec = forget_spec_from_args(args) or ForgetSpec()
