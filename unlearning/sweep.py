@@ -390,7 +390,8 @@ class Sweep:
         data_only = {self.data_key: self.data_cache[self.data_key]}
         options = {**self.representation_options(run), **({"submit": submit} if submit else {})}
         metrics = representation.evaluate_checkpoint(run.checkpoint, self.args.data, self.args.device, self.spec,
-                                                     run.seed, data_only, **options, dataset=self.args.dataset)
+                                                     run.seed, data_only, **options,
+                                                     described={"dataset": self.args.dataset})
         meta = torch.load(run.checkpoint, map_location="cpu", weights_only=True, mmap=True)["meta"]
         benchmark = getattr(self.args, "benchmark", None)
         kind = "retrain" if run.method == "retrain" else "methods"
