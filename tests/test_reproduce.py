@@ -131,7 +131,8 @@ def test_sweep_writes_records_and_tables_then_rebuilds_them_without_checkpoints(
     assert 0 <= retrain["CKA_forget"] < 1
     assert [row["n"] for row in report["summary"]] == [1, 1, 1]
     markdown = (workdir / "results/resnet50-smoke.md").read_text()
-    assert markdown.startswith(f"# resnet50 · forget class 3 (cat) · preset smoke · cpu · {original['created'][:10]} · "
+    assert markdown.startswith(f"# resnet50 · cifar10 · forget class 3 (cat) · preset smoke · cpu · "
+                               f"{original['created'][:10]} · "
                                f"1 seed (0) · {common.DIFFERENT_DATA_LABEL}\n")  # synthetic data, no PROVENANCE
     assert "the original row is a mean over seeds too" in markdown and "Code: " in markdown
     assert "are reused" not in markdown  # one commit, one device: nothing to warn about
