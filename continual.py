@@ -11,35 +11,18 @@ the step's RTE; retrain.py on each step's retain set is the reference (--no-retr
 results/continual_{arch}[-smoke][_{dataset}]_{methods}.json, .md and .png (the dataset named unless CIFAR-10);
 step checkpoints go to model_weights/continual/.
 """
-import runpy
-import sys
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import common
+from unlearning.runners import run_in_process
 
-ROOT = Path(__file__).resolve().parent
 METHODS = ("finetune", "pruneft", "lora", "loraprune", "ga", "rl", "l1sparse", "salun", "scrub")
 PLOTTED = {"UA": "UA (%)", "RA": "RA (%)", "TA": "TA (%)", "MIA_efficacy": "MIA-efficacy (%)", "RTE_s": "RTE (s)"}
 COLUMNS = {"method": "method", "step": "step", "forget_classes": "forgotten classes", "forget_images": "forget images",
            "UA": "UA %", "RA": "RA %", "TA": "TA %", "MIA_efficacy": "MIA-efficacy %", "RTE_s": "RTE s"}
-
-
-def run_script(script, argv):
-    """Run ROOT/script as its command line would, in this process, turning a failure into a UserError; Dynamo's
-    caches are reset first, as a process of its own would start."""
-    saved_argv = sys.argv
-    sys.argv = [script, *map(str, argv)]
-    common.reset_compiler_caches()  # each step pays its own compile time, if it compiles
-    try:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
-    except SystemExit as stop:
-        if stop.code not in (None, 0):
-            raise common.UserError(f"{script} {' '.join(map(str, argv))} failed (exit status {stop.code})") from None
-    finally:
-        sys.argv = saved_argv
 
 
 def run_name(args):
@@ -73,7 +56,7 @@ def run_step(script, argv, method, step, forgotten, args, data_cache):
     tracker = common.open_run(args, out.stem, settings, group=args.name)
     try:
         with common.activate(tracker):
-            run_script(script, argv)
+            run_in_process(script, argv, hold_output=False)
         row = evaluate_step(out, method, step, forgotten, args, data_cache)
         tracker.log_final(row)
     finally:

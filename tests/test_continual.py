@@ -41,3 +41,19 @@ def test_retrain_is_the_reference_at_every_step(original_weights, cifar_dir, wor
 def test_repeated_steps_are_refused(cifar_dir, workdir, capsys):
     assert run_script("continual.py", *SMOKE, "--data", cifar_dir, "--steps", "3", "3") == 1
     assert "distinct" in capsys.readouterr().err
+
+
+def test_a_crashing_step_shows_its_traceback_and_stops_with_one_line(original_weights, cifar_dir, workdir, capsys,
+                                                                      monkeypatch):
+    from unlearning import scripts
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(scripts, "train", crash)
+    assert run_script("continual.py", *SMOKE, "--data", cifar_dir, "--weights", original_weights("vit"),
+                      "--method", "finetune", "--steps", "3", "--no-retrain") == 1
+    err = capsys.readouterr().err
+    assert "RuntimeError: boom" in err and "Traceback" in err
+    assert err.splitlines()[-1].startswith("error: finetune.py --arch vit") and "failed with exit status 1" in err
+    assert not (workdir / "model_weights/continual/vit-smoke_finetune_step1.pth").exists()

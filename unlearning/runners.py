@@ -48,21 +48,26 @@ def run_script(script, flags):
 def step_failed(command, status, output):
     """Print the end of a failed step's output; the UserError that stops the sweep."""
     tail = (output or "").strip().splitlines()[-OUTPUT_TAIL_LINES:]
-    print("\n".join(f"    {line}" for line in tail), file=sys.stderr)
+    if tail:
+        print("\n".join(f"    {line}" for line in tail), file=sys.stderr)
     return UserError(f"{command} failed with exit status {status} (output above)")
 
 
-def run_in_process(script, flags):
-    """Run REPOSITORY/script's command line in this process, as `python script flags` would, its output held back; a
-    failure (an exit status, a UserError, any exception) shows the end of that output and stops the sweep with a
-    UserError. Ctrl-C and SIGTERM pass through to the caller. Dynamo's caches are reset first
-    (reset_compiler_caches). Returns the wall seconds of the step and of its
+def run_in_process(script, flags, hold_output=True):
+    """Run REPOSITORY/script's command line in this process, as `python script flags` would, its output held back
+    (or, without hold_output, printed as it comes); a failure (an exit status, a UserError, any exception) shows the
+    end of that output and stops the caller with a UserError. Ctrl-C and SIGTERM pass through to the caller.
+    Dynamo's caches are reset first (reset_compiler_caches). Returns the wall seconds of the step and of its
     set-up (until its training started: Measure.latest), the latter None when it never trained."""
-    argv, saved_argv, output = [str(REPOSITORY / script), *map(str, flags)], sys.argv, io.StringIO()
+    argv, saved_argv = [str(REPOSITORY / script), *map(str, flags)], sys.argv
+    output = io.StringIO() if hold_output else sys.stderr
     reset_compiler_caches()  # a step that compiles pays its compile time, as in a process of its own
     status, start, sys.argv = 0, time.perf_counter(), argv
+    held = (contextlib.redirect_stdout(output), contextlib.redirect_stderr(output)) if hold_output else ()
     try:
-        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output), nested_cli():
+        with contextlib.ExitStack() as stack:
+            for context in (*held, nested_cli()):
+                stack.enter_context(context)
             runpy.run_path(argv[0], run_name="__main__")
     except SystemExit as stop:
         status = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
@@ -78,7 +83,7 @@ def run_in_process(script, flags):
         sys.argv = saved_argv
     seconds = time.perf_counter() - start
     if status != 0:
-        raise step_failed(f"{script} {' '.join(map(str, flags))}", status, output.getvalue())
+        raise step_failed(f"{script} {' '.join(map(str, flags))}", status, output.getvalue() if hold_output else "")
     latest = Measure.latest
     return seconds, latest.began - start if latest is not None and latest.began >= start else None
 
