@@ -1,5 +1,5 @@
-"""LoRA adapters through peft: settings per arch, attaching them (checked to be called) with their branch recomputed
-in backward, merging them away."""
+"""LoRA adapters through peft: settings per arch, attaching them (checked to be called) with their dropped input
+recomputed in backward, merging them away."""
 import functools
 from dataclasses import dataclass
 
@@ -56,10 +56,11 @@ def add_lora(model, settings, example_input, recompute_branch=True):
     layer casts the input back to bf16, so the cast changes no value but makes a copy of every adapted layer's input
     that the backward pass keeps. With dropout the cast stays, since dropout on bf16 draws other masks.
 
-    With recompute_branch (the default) the branch of every adapter with dropout, input cast -> dropout -> lora_A
-    -> lora_B, is recomputed in the backward pass (recompute_adapter_branches): training computes what plain peft
-    computes, but keeps nothing for backward beyond the layer's input. Without dropout the branch is left to peft:
-    with its cast off it keeps only the rank-r hidden tensor, and recomputing would add launches for that."""
+    With recompute_branch (the default) the dropped input of every adapter with dropout (input cast -> dropout,
+    the input of lora_A) is recomputed in the backward pass (recompute_adapter_branches): training computes what
+    plain peft computes with the same FLOPs, and keeps for backward what peft keeps without dropout: the layer's
+    input and the rank-r hidden tensor. Without dropout the branch is left to peft, which with its cast off keeps
+    just that."""
     peft = import_peft()
     LoraLayer = peft.tuners.lora.LoraLayer  # noqa: N806 (a class)
     config = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
@@ -86,36 +87,40 @@ def add_lora(model, settings, example_input, recompute_branch=True):
 
 
 def recompute_adapter_branches(adapters):
-    """Make each peft LoRA layer (linear or convolution) recompute its adapter branch in the backward pass.
+    """Make each peft LoRA layer (linear or convolution) recompute its adapter input in the backward pass.
 
     peft computes base(x) + lora_B(lora_A(dropout(cast(x)))) * scaling. With adapter dropout the branch keeps, for
     backward, the dropout mask and a second copy of every adapted layer's input (the dropped one, cast to the
     adapter weights' dtype, and under bf16 autocast cast back): at the paper's dropout 0.1 more than all of full
-    fine-tuning's activations on ResNet-50. Here the branch runs inside torch.utils.checkpoint (non-reentrant, RNG
-    state preserved): its forward keeps only its input x, which the layer's input already is, and backward reruns
-    it with the same dropout masks and autocast state, so values and gradients are those of plain peft. Outside
-    training with gradients (evaluation, no_grad) and in peft's other modes (merged, disabled, variants, mixed
-    adapter batches) the layer runs peft's own forward."""
+    fine-tuning's activations on ResNet-50. Here cast -> dropout -> lora_A runs inside torch.utils.checkpoint
+    (non-reentrant, RNG state preserved, early stop): its forward keeps only its input x, which the layer's input
+    already is, and backward redraws the same dropout mask and recasts under the same autocast state, then stops
+    as soon as lora_A's saved inputs are rebuilt, before lora_A's own forward would run again (autograd saves an
+    op's inputs before it runs the op). lora_B and the scaling stay outside, so lora_B keeps the rank-r hidden
+    tensor as it does without dropout, and neither adapter weight's forward is recomputed. Values and gradients are
+    those of plain peft. Outside training with gradients (evaluation, no_grad) and in peft's other modes (merged,
+    disabled, variants, mixed adapter batches) the layer runs peft's own forward."""
     for adapter in adapters:
         adapter.forward = functools.partial(_forward_recomputing_branch, adapter)
 
 
 def _forward_recomputing_branch(layer, x, *args, **kwargs):
-    """peft's vanilla LoRA forward (lora.Linear, lora.Conv2d), with the branch recomputed in backward."""
+    """peft's vanilla LoRA forward (lora.Linear, lora.Conv2d), with lora_A's dropped input recomputed in backward."""
     if not torch.is_grad_enabled() or layer.disable_adapters or layer.merged or layer.lora_variant or kwargs:
         return type(layer).forward(layer, x, *args, **kwargs)
     result = layer.base_layer(x, *args)
     result_dtype = result.dtype
     for name in layer.active_adapters:
         if name in layer.lora_A:
-            result = result + checkpoint(_adapter_branch, layer, name, x, use_reentrant=False,
-                                         preserve_rng_state=True)
+            hidden = checkpoint(_dropped_lora_a, layer, name, x, use_reentrant=False, preserve_rng_state=True,
+                                early_stop=True)
+            result = result + layer.lora_B[name](hidden) * layer.scaling[name]
     return result.to(result_dtype)
 
 
-def _adapter_branch(layer, name, x):
+def _dropped_lora_a(layer, name, x):
     x = layer._cast_input_dtype(x, layer.lora_A[name].weight.dtype)
-    return layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](x))) * layer.scaling[name]
+    return layer.lora_A[name](layer.lora_dropout[name](x))
 
 
 def _assert_called(model, modules, example_input):
