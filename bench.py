@@ -50,7 +50,8 @@ PREPARE = {
 REFERENCE_LOADER = {"batch_size": 128, "shuffle": True, "num_workers": 2}
 PRETRAIN_STEPS = {"full": 50, "smoke": 2}
 COLUMNS = {"arch": "arch", "task": "task", "method": "method", "prune_mode": "prune mode", "style": "style",
-           "seconds": "seconds", "compile_s": "compile s", "recompiles": "recompiles", "images_per_s": "images/s",
+           "seconds": "seconds", "compile_s": "compile s", "recompiles": "recompiles",
+           "late_compiles": "late compiles", "images_per_s": "images/s",
            "peak_gpu_mem_mb": "peak GPU MB", "speedup": "speed-up (b)/(a)", "params": "params", "macs": "MACs"}
 
 
@@ -93,23 +94,6 @@ def train_reference(model, loader, epochs, lr, device):
     return model
 
 
-def warm_up_compiled(model, batches):
-    """Compile forward and backward for the full and the last, smaller batch, in training mode, then restore
-    weights and buffers; returns the seconds taken."""
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    inputs, labels = next(iter(batches))
-    sizes = {len(inputs), len(batches.idx) % batches.batch_size} - {0}
-    model.train()
-    with common.Measure(inputs.device) as measure:
-        for size in sizes:
-            with common.autocast(inputs.device):
-                loss = common.cross_entropy(model, inputs[:size], labels[:size])
-            loss.backward()
-    model.load_state_dict(state)
-    model.zero_grad(set_to_none=True)
-    return measure.seconds
-
-
 def method_args(args, arch, prune_mode, extra=()):
     """The namespace a method script would parse, with its defaults (LoRA, prune amount)."""
     parser = common.make_parser(__doc__)
@@ -141,45 +125,27 @@ def run_unlearning(args, arch, method, style, prune_mode, source, data, data_cpu
     ctx = common.Context(method_args(args, arch, prune_mode), data, splits, common.ForgetSpec(), device, args.epochs,
                          common.PAPER_RECIPE["lr"], batch_size)
     common.seed_everything(0)
-    compile_s = None
     model = copy.deepcopy(source)
     model = model.to(device) if style == "reference" else common.to_device(model, device)
     with common.Measure(device) as prepare:
         model = PREPARE[method](model, ctx)
-    trained, compiles = model, {}
-    compiling = style == "project" and args.compile
-    with counting_compiles(compiles) if compiling else contextlib.nullcontext():
-        if compiling:
-            trained = torch.compile(model, backend=common.COMPILE_BACKEND)
-            compile_s = warm_up_compiled(trained, ctx.retain_batches())
+    # --compile: the project loop's step compiled as the scripts compile it, in an untimed warm-up over the retain
+    # set's batch shapes (a fresh Dynamo per row; the recompile limit an error, never a silent fall-back to eager)
+    with common.compiling(style == "project" and args.compile, device) as compiled:
+        if compiled:
+            common.warm_up_on(model, data, splits.retain_idx, batch_size)
         loader = reference_loader(data_cpu, splits.retain_idx, batch_size, 0) if style == "reference" else None
         with common.Measure(device) as measure:
             if style == "reference":
-                train_reference(trained, loader, args.epochs, ctx.lr, device)
+                train_reference(model, loader, args.epochs, ctx.lr, device)
             else:
-                common.train(trained, ctx.retain_batches(), args.epochs, ctx.lr, desc=method)
+                common.train(model, ctx.retain_batches(), args.epochs, ctx.lr, desc=method)
+        compiles = compiled.meta() if compiled else {}
     seconds = prepare.seconds + measure.seconds
     images = len(splits.retain_idx) * args.epochs
     return {"arch": arch, "task": "unlearn", "method": method, "prune_mode": ctx.prune_mode, "style": style,
-            "seconds": seconds, "compile_s": compile_s, **compiles, "images_per_s": images / seconds,
+            "seconds": seconds, **compiles, "images_per_s": images / seconds,
             "peak_gpu_mem_mb": measure.peak_gpu_mem_mb, **common.model_cost(common.finalize(model))}
-
-
-@contextlib.contextmanager
-def counting_compiles(row):
-    """One bench row's compilation, from a fresh Dynamo (no caches or recompile counts left by earlier rows), with
-    the recompile limit an error instead of a silent fall-back to eager; puts the row's graph compilations and
-    recompilations (compilations of an already compiled frame) into row."""
-    torch._dynamo.reset()
-    compiled_per_frame = torch._dynamo.convert_frame.FRAME_COMPILE_COUNTER
-    try:
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            yield
-    except torch._dynamo.exc.FailOnRecompileLimitHit:
-        raise common.UserError(f"--compile: a row recompiled past torch._dynamo.config.recompile_limit "
-                               f"({torch._dynamo.config.recompile_limit}) and would have run eager") from None
-    row.update(compiles=sum(compiled_per_frame.values()),
-               recompiles=sum(count - 1 for count in compiled_per_frame.values()))
 
 
 def warm_up(source, data, device):
@@ -257,7 +223,7 @@ def print_row(row):
              f"{row['style']:<9} {row['seconds']:8.2f} s {row['images_per_s']:9.1f} img/s"]
     if row.get("compile_s") is not None:
         parts.append(f"compile {row['compile_s']:.1f} s ({row['compiles']} compilations, "
-                     f"{row['recompiles']} recompilations)")
+                     f"{row['recompiles']} recompilations, {row['late_compiles']} in the timed run)")
     if row.get("peak_gpu_mem_mb") is not None:
         parts.append(f"peak {row['peak_gpu_mem_mb']:.0f} MB")
     if row.get("speedup") is not None:
@@ -545,8 +511,10 @@ def parse_args(argv=None):
     parser.add_argument("--data-label", help="what the data is, for the table (default: named by the data itself, "
                                              "see docs/data.md)")
     common.add_device_argument(parser)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the project-loop runs (compile time "
-                                                                 "reported separately)")
+    parser.add_argument("--compile", action="store_true",
+                        help="time the project loop's runs with their training step compiled, as the scripts' "
+                             "--compile does (compile time reported separately); with --costs, also count the "
+                             "compiled step's kernels")
     parser.add_argument("--limit", type=common.number(int, 5),
                         help="use only the first LIMIT training and LIMIT/5 test images (full-size models on a CPU)")
     parser.add_argument("--out", default="bench", help="folder for results.json and results.md, and for costs/ "
