@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 import common
-from unlearning import costs
+from unlearning import costs, kernels
 
 METHODS = ("finetune", "pruneft", "lora", "loraprune")
 PHYSICAL_METHODS = ("pruneft", "loraprune")
@@ -267,6 +267,16 @@ FLOOR_COLUMNS = {"arch": "arch", "method": "method", "prune_mode": "prune mode",
 EVAL_COLUMNS = {"arch": "arch", "model": "model", "gflops_per_image": "GFLOP/image", "ops_per_batch": "ops/batch",
                 "launches_per_batch": "launches/batch",
                 "syncs_per_batch": "syncs/batch", "peak_mb": "est. peak MB", "gpu_s": "est. GPU s"}
+COMPILED_COLUMNS = {"arch": "arch", "method": "method", "prune_mode": "prune mode", "lora_dropout": "LoRA dropout",
+                    "launches_per_step": "eager launches/step", "model_launches": "of them the model's",
+                    "compiled_graphs": "graphs", "generated_kernels": "generated kernels",
+                    "library_calls": "library calls", "compiled_launches_per_step": "compiled launches/step",
+                    "compiled_over_eager": "compiled / eager", "compiled_ok": "<= 1/3 eager",
+                    "cuda_graph_launches_per_step": "launches/step with CUDA graphs", "gpu_s": "est. GPU s eager",
+                    "gpu_s_compiled": "est. GPU s compiled", "gpu_s_cuda_graphs": "est. GPU s CUDA graphs"}
+# A compiled graph replayed as a CUDA graph: one graph launch, and one copy of the tensor it is handed (the batch into
+# the forward, the logits' gradient into the backward) into the graph's static input buffer.
+CUDA_GRAPH_LAUNCHES_PER_GRAPH = 2
 FLOPS_TOLERANCE = 1.05  # LoRA's own adapters may add up to 5 % above the frozen-weight floor
 
 
@@ -368,7 +378,12 @@ def count_method(args, arch, method, mode, dropout, data, splits):
             prepared = COST_PREPARE[method](model, ctx)
             return prepared, COST_STEPS[method](prepared, ctx)
         (prepared, step), prepare_counts = costs.count_ops(prepare)
-        return prepared, prepare_counts, costs.count_training(prepared, step, method_batch_size(method))
+        counts = costs.count_training(prepared, step, method_batch_size(method))
+        if args.compile:  # the same step compiled as --compile compiles it: its graphs' kernels
+            inputs, labels = next(iter(step.batches))
+            counts["compiled"] = kernels.count_compiled_step(prepared, step.loss_fn, inputs, labels,
+                                                             step.freeze_batchnorm)
+        return prepared, prepare_counts, counts
 
 
 def method_batch_size(method):
@@ -393,7 +408,27 @@ def cost_row(arch, method, mode, dropout, counts, prepare_counts, assumptions):
             "peak_mb": costs.peak_bytes(counts) / MB,
             "channels_last": f"{counts['channels_last_convolutions']}/{counts['convolutions']}",
             "gpu_steps": steps, "gpu_s": steps * costs.gpu_seconds(launches, assumptions, bf16=flops),
-            "counts": counts, "prepare": prepare_counts}
+            **compiled_columns(counts, launches, steps, flops, assumptions), "counts": counts,
+            "prepare": prepare_counts}
+
+
+def compiled_columns(counts, launches, steps, flops, assumptions):
+    """Under --compile: the step's launches with the model's forward and backward compiled (eager's launches, less
+    the model's own, plus the compiled graphs' generated kernels and library calls), and with each compiled graph
+    replayed as a CUDA graph (one launch, plus one copy into its static input buffer), with their GPU estimates."""
+    if "compiled" not in counts:
+        return {}
+    compiled = counts["compiled"]
+    outside = launches - (counts["model_ops_per_step"] - counts["model_view_ops_per_step"])
+    kernel_launches = outside + compiled["generated"] + compiled["library"]
+    graph_launches = outside + CUDA_GRAPH_LAUNCHES_PER_GRAPH * compiled["graphs"]
+    return {"model_launches": launches - outside, "compiled_graphs": compiled["graphs"],
+            "generated_kernels": compiled["generated"], "library_calls": compiled["library"],
+            "compiled_launches_per_step": kernel_launches, "compiled_over_eager": kernel_launches / launches,
+            "compiled_ok": verdict(kernel_launches <= launches / 3),
+            "cuda_graph_launches_per_step": graph_launches,
+            "gpu_s_compiled": steps * costs.gpu_seconds(kernel_launches, assumptions, bf16=flops),
+            "gpu_s_cuda_graphs": steps * costs.gpu_seconds(graph_launches, assumptions, bf16=flops)}
 
 
 def eval_row(arch, label, counts, assumptions):
@@ -449,6 +484,7 @@ def write_costs(out, results):
             f"- dataset resident on the device (uint8, both splits): {results['dataset_mb']:.0f} MB, not in the "
             f"peaks\n\n## Training step\n\n{common.markdown_table(results['rows'], COST_COLUMNS)}\n\n"
             f"**est. GPU s and est. peak MB are estimates, not measurements**: {results['estimate']}\n\n"
+            f"{compiled_section(results)}"
             f"## Floors (ratios to finetune)\n\n{common.markdown_table(results['floors'], FLOOR_COLUMNS)}\n\n"
             f"## Evaluation of one checkpoint\n\n{common.markdown_table(results['evaluation'], EVAL_COLUMNS)}\n\n"
             f"Evaluation runs in fp32: convolutions at {gpu['tf32_tflops']} TFLOP/s (TF32), the rest at "
@@ -456,6 +492,26 @@ def write_costs(out, results):
             f"is not counted.\n")
     (out / "costs.md").write_text(text)
     return text
+
+
+def compiled_section(results):
+    """costs.md's table of the compiled step (bench.py --costs --compile); empty without --compile."""
+    rows = [row for row in results["rows"] if "compiled_launches_per_step" in row]
+    if not rows:
+        return ""
+    return (f"## Compiled step (--compile)\n\n{common.markdown_table(rows, COMPILED_COLUMNS)}\n\n"
+            f"{COMPILED_NOTE}\n\n")
+
+
+COMPILED_NOTE = (
+    "Counted, not measured on a GPU: the model's forward and backward compiled by inductor on this machine's device, "
+    "the step's other launches (data, loss, finite-loss check, optimizer) as eager counts them. Generated kernels "
+    "are inductor's code for the counting device (on a CPU: C++ kernels; a CPU also fuses independent loops into "
+    "one kernel, which Triton on a GPU does not by default, so a GPU's count may be higher); library calls are the "
+    "convolutions, matmuls and fallbacks the compiled graphs leave to libraries, one launch each. With CUDA graphs "
+    f"each compiled graph costs {CUDA_GRAPH_LAUNCHES_PER_GRAPH} launches per step (its replay, and the copy of its "
+    "input into the graph's static buffer); the kernels inside a replayed graph are not launched from the host. "
+    "The GPU estimates charge every launch the same assumed cost, a graph's replay included.")
 
 
 def estimate_text(assumptions):

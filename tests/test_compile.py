@@ -13,8 +13,9 @@ import torch
 from conftest import run_script
 from torch import nn
 
+import bench
 import common
-from unlearning import compiling, records, units
+from unlearning import compiling, costs, kernels, records, units
 
 SMOKE = ["--preset", "smoke", "--device", "cpu"]
 # Synthetic smoke data: 180 retain and 20 forget images. At batch size 20 every batch, retain or forget, has 20
@@ -159,3 +160,69 @@ def test_reproduce_compile_is_in_every_runs_fingerprint_and_the_record_schema():
     assert records.record_problem({**whole, "compile_s": 3.5, "compiles": 2, "recompiles": 1,
                                    "late_compiles": 0}) is None
     assert "late_compiles" in records.record_problem({**whole, "late_compiles": -1})
+
+
+WRAPPER_CODE = '''
+cpp_fused_relu_0 = async_compile.cpp_pybinding(["float*"], "...")
+cpp_fused_sum_1 = async_compile.cpp_pybinding(["float*"], "...")
+
+
+class Runner:
+    def call(self, args):
+        primals_1, primals_2 = args
+        args.clear()
+        assert_size_stride(primals_1, (4, 4), (4, 1), "input")
+        buf0 = empty_strided_cpu((4, 4), (4, 1), torch.float32)
+        cpp_fused_relu_0(primals_1, buf0)
+        buf1 = extern_kernels.mm(buf0, reinterpret_tensor(primals_2, (4, 4), (1, 4), 0))
+        buf2 = torch.ops.aten.convolution_backward.default(buf1, buf0, primals_2, None, [1, 1])
+        buf3 = torch.ops.aten.view.dtype(buf1, torch.int32)
+        cpp_fused_sum_1(buf1)
+        cpp_fused_sum_1(buf2[0])
+        return (buf1, )
+'''
+
+
+def test_a_graphs_launches_are_its_generated_kernels_and_library_calls_not_views_allocations_or_checks():
+    launches = kernels.graph_launches(WRAPPER_CODE)
+    assert launches["generated"] == 3  # each call of a generated kernel, as often as it is called
+    assert launches["library_ops"] == {"extern_kernels.mm": 1, "torch.ops.aten.convolution_backward": 1}
+    assert launches["library"] == 2
+
+
+def test_the_models_own_ops_do_not_depend_on_the_loss():
+    def count(loss_fn):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 10))
+        images = torch.randint(0, 256, (10, 3, 2, 2), dtype=torch.uint8)
+        batches = common.Batches(images, torch.arange(10), torch.arange(10), 4)
+        step = costs.TrainingStep(batches, loss_fn, common.make_adam(model.parameters(), 1e-3))
+        return costs.count_training(model, step, 4)
+
+    plain, squared = count(common.cross_entropy), count(lambda model, x, y: model(x).pow(2).mean())
+    assert plain["ops_per_step"] != squared["ops_per_step"]
+    assert 0 < plain["model_ops_per_step"] == squared["model_ops_per_step"] < plain["ops_per_step"]
+
+
+def test_the_compiled_launches_replace_the_models_own_and_cuda_graphs_replay_each_graph():
+    counts = {"model_ops_per_step": 70, "model_view_ops_per_step": 10,
+              "compiled": {"graphs": 2, "generated": 12, "library": 8, "library_ops": {}}}
+    columns = bench.compiled_columns(counts, launches=90, steps=10, flops=0, assumptions=costs.GPU_ASSUMPTIONS)
+    assert columns["model_launches"] == 60  # 30 launches outside the model: data, loss, optimizer
+    assert columns["compiled_launches_per_step"] == 30 + 12 + 8
+    assert columns["cuda_graph_launches_per_step"] == 30 + 2 * bench.CUDA_GRAPH_LAUNCHES_PER_GRAPH
+    assert columns["compiled_ok"] == "FAIL" and columns["compiled_over_eager"] == 50 / 90
+    assert columns["gpu_s_compiled"] == pytest.approx(10 * 50 * costs.GPU_ASSUMPTIONS["launch_us"] * 1e-6)
+    assert bench.compiled_columns({}, 90, 10, 0, costs.GPU_ASSUMPTIONS) == {}
+
+
+@pytest.mark.inductor
+def test_inductor_compiles_an_mlps_step_into_two_graphs_with_its_matmuls_left_to_the_library():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 10))
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    counted = kernels.count_compiled_step(model, common.cross_entropy, torch.randn(4, 3, 2, 2), torch.arange(4))
+    assert counted["graphs"] == 2 and counted["generated"] > 0  # forward and backward
+    # forward: two linear layers; backward: both weight gradients and the second layer's input gradient
+    assert sum(counted["library_ops"].values()) == counted["library"] == 5
+    assert all(p.grad is None and torch.equal(p, before[name]) for name, p in model.named_parameters())
