@@ -15,6 +15,7 @@ from torch import nn
 
 import bench
 import common
+import reproduce
 from unlearning import compiling, costs, kernels, records, units
 
 SMOKE = ["--preset", "smoke", "--device", "cpu"]
@@ -226,3 +227,19 @@ def test_inductor_compiles_an_mlps_step_into_two_graphs_with_its_matmuls_left_to
     # forward: two linear layers; backward: both weight gradients and the second layer's input gradient
     assert sum(counted["library_ops"].values()) == counted["library"] == 5
     assert all(p.grad is None and torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_reproduce_tables_show_compile_seconds_after_the_rte_only_when_runs_compiled(workdir):
+    def run(method, seed, compile_s=None):
+        record = {"method": method, "seed": seed, "UA": 90.0, "MIA_efficacy": 50.0, "RA": 90.0, "TA": 80.0,
+                  "RTE_s": 1.0, "peak_gpu_mem_mb": None}
+        return record if compile_s is None else {**record, "compile_s": compile_s}
+
+    def header(runs):
+        reproduce.write_markdown(workdir / "table.md", "title", [], reproduce.summarize(runs))
+        return next(line for line in (workdir / "table.md").read_text().splitlines() if line.startswith("| method"))
+
+    assert "compile s" not in header([run("retrain", 0), run("lora", 0)])
+    runs = [run("retrain", 0), run("lora", 0, 30.0), run("lora", 1, 50.0)]
+    assert "| RTE s | compile s | peak GPU MB |" in header(runs)
+    assert reproduce.summarize(runs)[1]["compile_s"] == pytest.approx({"mean": 40.0, "std": 200 ** 0.5})
