@@ -25,9 +25,13 @@ ONE_SHAPE = ["--batch-size", "20"]
 # Inductor against eager (fp32, one epoch of 9 Adam steps at lr 1e-3 on the smoke ResNet-50): inductor computes the
 # same ops in other summation orders and fusions, so values differ in the last bits. Adam's normalised update turns
 # such a difference in a gradient near zero into a step of up to about lr in either direction, so after 9 steps a
-# weight may stand up to about 2 * 9 * lr apart (measured: 0.009 after 5 steps). The metrics are read off 20 forget,
-# 180 retain and 90 test images: a few flipped predictions move them by up to 10 points.
+# trained weight may stand up to about 2 * 9 * lr apart. BatchNorm's running statistics average the batches'
+# statistics of those weights: they are compared tensor by tensor, relative to their size. The metrics are read off
+# 20 forget, 180 retain and 90 test images: a few flipped predictions move them by up to 10 points. (Measured on the
+# smoke preset's CIFAR-10 images, 14 steps: weights 0.003 apart for finetune and 0.016 for LoRA, running statistics
+# 0.6 % and 1 %, UA, RA and TA equal but for one retain image.)
 WEIGHT_TOLERANCE = 2 * 9 * 1e-3
+RUNNING_STATISTICS_TOLERANCE = 0.02  # |compiled - eager|_1 / |eager|_1 of each running mean and variance
 METRIC_TOLERANCE = 10.0
 
 
@@ -121,9 +125,12 @@ def test_a_compiled_run_trains_as_eager_with_its_compile_time_apart(original_wei
 def test_inductor_trains_as_eager_within_the_tolerance(method, original_weights, cifar_dir, workdir):
     compiled, eager = compiled_and_eager(method, "resnet50", original_weights, cifar_dir, workdir)
     assert compiled["meta"]["late_compiles"] == 0
-    weights_apart = max((compiled["model"][k].float() - eager["model"][k].float()).abs().max().item()
-                        for k in eager["model"])
-    assert weights_apart <= WEIGHT_TOLERANCE
+    for name, tensor in eager["model"].items():
+        apart = (compiled["model"][name].float() - tensor.float()).abs()
+        if "running_" in name:
+            assert apart.sum() <= RUNNING_STATISTICS_TOLERANCE * tensor.abs().sum(), name
+        else:
+            assert apart.max() <= WEIGHT_TOLERANCE, name
     metrics = [common.evaluate_checkpoint(workdir / f"{method}-{label}.pth", cifar_dir, "cpu")
                for label in ("compiled", "eager")]
     for key in ("UA", "RA", "TA"):
