@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 import common
-from unlearning import costs
+from unlearning import costs, kernels
 
 METHODS = ("finetune", "pruneft", "lora", "loraprune")
 PHYSICAL_METHODS = ("pruneft", "loraprune")
@@ -50,7 +50,8 @@ PREPARE = {
 REFERENCE_LOADER = {"batch_size": 128, "shuffle": True, "num_workers": 2}
 PRETRAIN_STEPS = {"full": 50, "smoke": 2}
 COLUMNS = {"arch": "arch", "task": "task", "method": "method", "prune_mode": "prune mode", "style": "style",
-           "seconds": "seconds", "compile_s": "compile s", "recompiles": "recompiles", "images_per_s": "images/s",
+           "seconds": "seconds", "compile_s": "compile s", "recompiles": "recompiles",
+           "late_compiles": "late compiles", "images_per_s": "images/s",
            "peak_gpu_mem_mb": "peak GPU MB", "speedup": "speed-up (b)/(a)", "params": "params", "macs": "MACs"}
 
 
@@ -93,23 +94,6 @@ def train_reference(model, loader, epochs, lr, device):
     return model
 
 
-def warm_up_compiled(model, batches):
-    """Compile forward and backward for the full and the last, smaller batch, in training mode, then restore
-    weights and buffers; returns the seconds taken."""
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    inputs, labels = next(iter(batches))
-    sizes = {len(inputs), len(batches.idx) % batches.batch_size} - {0}
-    model.train()
-    with common.Measure(inputs.device) as measure:
-        for size in sizes:
-            with common.autocast(inputs.device):
-                loss = common.cross_entropy(model, inputs[:size], labels[:size])
-            loss.backward()
-    model.load_state_dict(state)
-    model.zero_grad(set_to_none=True)
-    return measure.seconds
-
-
 def method_args(args, arch, prune_mode, extra=()):
     """The namespace a method script would parse, with its defaults (LoRA, prune amount)."""
     parser = common.make_parser(__doc__)
@@ -141,45 +125,27 @@ def run_unlearning(args, arch, method, style, prune_mode, source, data, data_cpu
     ctx = common.Context(method_args(args, arch, prune_mode), data, splits, common.ForgetSpec(), device, args.epochs,
                          common.PAPER_RECIPE["lr"], batch_size)
     common.seed_everything(0)
-    compile_s = None
     model = copy.deepcopy(source)
     model = model.to(device) if style == "reference" else common.to_device(model, device)
     with common.Measure(device) as prepare:
         model = PREPARE[method](model, ctx)
-    trained, compiles = model, {}
-    compiling = style == "project" and args.compile
-    with counting_compiles(compiles) if compiling else contextlib.nullcontext():
-        if compiling:
-            trained = torch.compile(model, backend=common.COMPILE_BACKEND)
-            compile_s = warm_up_compiled(trained, ctx.retain_batches())
+    # --compile: the project loop's step compiled as the scripts compile it, in an untimed warm-up over the retain
+    # set's batch shapes (a fresh Dynamo per row; the recompile limit an error, never a silent fall-back to eager)
+    with common.compiling(style == "project" and args.compile, device) as compiled:
+        if compiled:
+            common.warm_up_on(model, data, splits.retain_idx, batch_size)
         loader = reference_loader(data_cpu, splits.retain_idx, batch_size, 0) if style == "reference" else None
         with common.Measure(device) as measure:
             if style == "reference":
-                train_reference(trained, loader, args.epochs, ctx.lr, device)
+                train_reference(model, loader, args.epochs, ctx.lr, device)
             else:
-                common.train(trained, ctx.retain_batches(), args.epochs, ctx.lr, desc=method)
+                common.train(model, ctx.retain_batches(), args.epochs, ctx.lr, desc=method)
+        compiles = compiled.meta() if compiled else {}
     seconds = prepare.seconds + measure.seconds
     images = len(splits.retain_idx) * args.epochs
     return {"arch": arch, "task": "unlearn", "method": method, "prune_mode": ctx.prune_mode, "style": style,
-            "seconds": seconds, "compile_s": compile_s, **compiles, "images_per_s": images / seconds,
+            "seconds": seconds, **compiles, "images_per_s": images / seconds,
             "peak_gpu_mem_mb": measure.peak_gpu_mem_mb, **common.model_cost(common.finalize(model))}
-
-
-@contextlib.contextmanager
-def counting_compiles(row):
-    """One bench row's compilation, from a fresh Dynamo (no caches or recompile counts left by earlier rows), with
-    the recompile limit an error instead of a silent fall-back to eager; puts the row's graph compilations and
-    recompilations (compilations of an already compiled frame) into row."""
-    torch._dynamo.reset()
-    compiled_per_frame = torch._dynamo.convert_frame.FRAME_COMPILE_COUNTER
-    try:
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            yield
-    except torch._dynamo.exc.FailOnRecompileLimitHit:
-        raise common.UserError(f"--compile: a row recompiled past torch._dynamo.config.recompile_limit "
-                               f"({torch._dynamo.config.recompile_limit}) and would have run eager") from None
-    row.update(compiles=sum(compiled_per_frame.values()),
-               recompiles=sum(count - 1 for count in compiled_per_frame.values()))
 
 
 def warm_up(source, data, device):
@@ -257,7 +223,7 @@ def print_row(row):
              f"{row['style']:<9} {row['seconds']:8.2f} s {row['images_per_s']:9.1f} img/s"]
     if row.get("compile_s") is not None:
         parts.append(f"compile {row['compile_s']:.1f} s ({row['compiles']} compilations, "
-                     f"{row['recompiles']} recompilations)")
+                     f"{row['recompiles']} recompilations, {row['late_compiles']} in the timed run)")
     if row.get("peak_gpu_mem_mb") is not None:
         parts.append(f"peak {row['peak_gpu_mem_mb']:.0f} MB")
     if row.get("speedup") is not None:
@@ -301,6 +267,16 @@ FLOOR_COLUMNS = {"arch": "arch", "method": "method", "prune_mode": "prune mode",
 EVAL_COLUMNS = {"arch": "arch", "model": "model", "gflops_per_image": "GFLOP/image", "ops_per_batch": "ops/batch",
                 "launches_per_batch": "launches/batch",
                 "syncs_per_batch": "syncs/batch", "peak_mb": "est. peak MB", "gpu_s": "est. GPU s"}
+COMPILED_COLUMNS = {"arch": "arch", "method": "method", "prune_mode": "prune mode", "lora_dropout": "LoRA dropout",
+                    "launches_per_step": "eager launches/step", "model_launches": "of them the model's",
+                    "compiled_graphs": "graphs", "generated_kernels": "generated kernels",
+                    "library_calls": "library calls", "compiled_launches_per_step": "compiled launches/step",
+                    "compiled_over_eager": "compiled / eager", "compiled_ok": "<= 1/3 eager",
+                    "cuda_graph_launches_per_step": "launches/step with CUDA graphs", "gpu_s": "est. GPU s eager",
+                    "gpu_s_compiled": "est. GPU s compiled", "gpu_s_cuda_graphs": "est. GPU s CUDA graphs"}
+# A compiled graph replayed as a CUDA graph: one graph launch, and one copy of the tensor it is handed (the batch into
+# the forward, the logits' gradient into the backward) into the graph's static input buffer.
+CUDA_GRAPH_LAUNCHES_PER_GRAPH = 2
 FLOPS_TOLERANCE = 1.05  # LoRA's own adapters may add up to 5 % above the frozen-weight floor
 
 
@@ -402,7 +378,12 @@ def count_method(args, arch, method, mode, dropout, data, splits):
             prepared = COST_PREPARE[method](model, ctx)
             return prepared, COST_STEPS[method](prepared, ctx)
         (prepared, step), prepare_counts = costs.count_ops(prepare)
-        return prepared, prepare_counts, costs.count_training(prepared, step, method_batch_size(method))
+        counts = costs.count_training(prepared, step, method_batch_size(method))
+        if args.compile:  # the same step compiled as --compile compiles it: its graphs' kernels
+            inputs, labels = next(iter(step.batches))
+            counts["compiled"] = kernels.count_compiled_step(prepared, step.loss_fn, inputs, labels,
+                                                             step.freeze_batchnorm)
+        return prepared, prepare_counts, counts
 
 
 def method_batch_size(method):
@@ -427,7 +408,27 @@ def cost_row(arch, method, mode, dropout, counts, prepare_counts, assumptions):
             "peak_mb": costs.peak_bytes(counts) / MB,
             "channels_last": f"{counts['channels_last_convolutions']}/{counts['convolutions']}",
             "gpu_steps": steps, "gpu_s": steps * costs.gpu_seconds(launches, assumptions, bf16=flops),
-            "counts": counts, "prepare": prepare_counts}
+            **compiled_columns(counts, launches, steps, flops, assumptions), "counts": counts,
+            "prepare": prepare_counts}
+
+
+def compiled_columns(counts, launches, steps, flops, assumptions):
+    """Under --compile: the step's launches with the model's forward and backward compiled (eager's launches, less
+    the model's own, plus the compiled graphs' generated kernels and library calls), and with each compiled graph
+    replayed as a CUDA graph (one launch, plus one copy into its static input buffer), with their GPU estimates."""
+    if "compiled" not in counts:
+        return {}
+    compiled = counts["compiled"]
+    outside = launches - (counts["model_ops_per_step"] - counts["model_view_ops_per_step"])
+    kernel_launches = outside + compiled["generated"] + compiled["library"]
+    graph_launches = outside + CUDA_GRAPH_LAUNCHES_PER_GRAPH * compiled["graphs"]
+    return {"model_launches": launches - outside, "compiled_graphs": compiled["graphs"],
+            "generated_kernels": compiled["generated"], "library_calls": compiled["library"],
+            "compiled_launches_per_step": kernel_launches, "compiled_over_eager": kernel_launches / launches,
+            "compiled_ok": verdict(kernel_launches <= launches / 3),
+            "cuda_graph_launches_per_step": graph_launches,
+            "gpu_s_compiled": steps * costs.gpu_seconds(kernel_launches, assumptions, bf16=flops),
+            "gpu_s_cuda_graphs": steps * costs.gpu_seconds(graph_launches, assumptions, bf16=flops)}
 
 
 def eval_row(arch, label, counts, assumptions):
@@ -483,6 +484,7 @@ def write_costs(out, results):
             f"- dataset resident on the device (uint8, both splits): {results['dataset_mb']:.0f} MB, not in the "
             f"peaks\n\n## Training step\n\n{common.markdown_table(results['rows'], COST_COLUMNS)}\n\n"
             f"**est. GPU s and est. peak MB are estimates, not measurements**: {results['estimate']}\n\n"
+            f"{compiled_section(results)}"
             f"## Floors (ratios to finetune)\n\n{common.markdown_table(results['floors'], FLOOR_COLUMNS)}\n\n"
             f"## Evaluation of one checkpoint\n\n{common.markdown_table(results['evaluation'], EVAL_COLUMNS)}\n\n"
             f"Evaluation runs in fp32: convolutions at {gpu['tf32_tflops']} TFLOP/s (TF32), the rest at "
@@ -490,6 +492,26 @@ def write_costs(out, results):
             f"is not counted.\n")
     (out / "costs.md").write_text(text)
     return text
+
+
+def compiled_section(results):
+    """costs.md's table of the compiled step (bench.py --costs --compile); empty without --compile."""
+    rows = [row for row in results["rows"] if "compiled_launches_per_step" in row]
+    if not rows:
+        return ""
+    return (f"## Compiled step (--compile)\n\n{common.markdown_table(rows, COMPILED_COLUMNS)}\n\n"
+            f"{COMPILED_NOTE}\n\n")
+
+
+COMPILED_NOTE = (
+    "Counted, not measured on a GPU: the model's forward and backward compiled by inductor on this machine's device, "
+    "the step's other launches (data, loss, finite-loss check, optimizer) as eager counts them. Generated kernels "
+    "are inductor's code for the counting device (on a CPU: C++ kernels; a CPU also fuses independent loops into "
+    "one kernel, which Triton on a GPU does not by default, so a GPU's count may be higher); library calls are the "
+    "convolutions, matmuls and fallbacks the compiled graphs leave to libraries, one launch each. With CUDA graphs "
+    f"each compiled graph costs {CUDA_GRAPH_LAUNCHES_PER_GRAPH} launches per step (its replay, and the copy of its "
+    "input into the graph's static buffer); the kernels inside a replayed graph are not launched from the host. "
+    "The GPU estimates charge every launch the same assumed cost, a graph's replay included.")
 
 
 def estimate_text(assumptions):
@@ -545,8 +567,10 @@ def parse_args(argv=None):
     parser.add_argument("--data-label", help="what the data is, for the table (default: named by the data itself, "
                                              "see docs/data.md)")
     common.add_device_argument(parser)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the project-loop runs (compile time "
-                                                                 "reported separately)")
+    parser.add_argument("--compile", action="store_true",
+                        help="time the project loop's runs with their training step compiled, as the scripts' "
+                             "--compile does (compile time reported separately); with --costs, also count the "
+                             "compiled step's kernels")
     parser.add_argument("--limit", type=common.number(int, 5),
                         help="use only the first LIMIT training and LIMIT/5 test images (full-size models on a CPU)")
     parser.add_argument("--out", default="bench", help="folder for results.json and results.md, and for costs/ "

@@ -18,6 +18,7 @@ from unlearning.arguments import (
     OneLineParser,
     add_batchnorm_argument,
     add_common_arguments,
+    add_compile_argument,
     add_dataset_arguments,
     add_described_arguments,
     add_device_argument,
@@ -71,6 +72,7 @@ from unlearning.checkpoints import (
     state_mismatch,
     weights_path,
 )
+from unlearning.compiling import COMPILE_BACKEND, COMPILE_META_KEYS, compile_counts, compiling
 from unlearning.data import (
     DIFFERENT_DATA_LABEL,
     PROVENANCE_FILE,
@@ -86,7 +88,13 @@ from unlearning.data import (
 )
 from unlearning.datasets import DATASET_NAMES, DATASETS, DEFAULT_DATASET, Dataset
 from unlearning.errors import DamagedFile, ParentGone, Terminated, TrainingDiverged, UserError, raise_terminated
-from unlearning.evaluation import EVALUATE_COLUMNS, evaluate_checkpoint, format_cell, markdown_table
+from unlearning.evaluation import (
+    EVALUATE_COLUMNS,
+    evaluate_checkpoint,
+    format_cell,
+    markdown_table,
+    with_compile_columns,
+)
 from unlearning.files import (
     atomic_write,
     check_writable,
@@ -174,7 +182,6 @@ from unlearning.settings import (
 )
 from unlearning.tracking import activate, add_tracking_arguments, check_tracking, open_run
 from unlearning.training import (
-    COMPILE_BACKEND,
     autocast,
     beta_sample,
     cross_entropy,

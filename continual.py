@@ -3,6 +3,7 @@
     python continual.py --arch resnet50 --method loraprune --steps 3 5 7
     python continual.py --arch resnet50 --methods finetune loraprune salun scrub   # several methods, one plot
     python continual.py --arch resnet50 --track tensorboard   # each step a run: tensorboard --logdir runs
+    python continual.py --arch resnet50 --compile   # every step's training compiled (torch.compile)
 
 Step k runs the method's script (its command line, in this process; nothing is imported) with --weights = step
 k-1's checkpoint (the original model at step 1) and --forget-class = every class forgotten so far, so the forget
@@ -42,7 +43,8 @@ def evaluate_step(path, method, step, forgotten, args, data_cache):
     data = data_cache[(args.data, args.preset, args.dataset)]
     splits = common.make_splits(data.train_labels, data.test_labels, spec)
     return {"method": method, "step": step, "forget_classes": list(forgotten), "forget_images": len(splits.forget_idx),
-            "retain_images": len(splits.retain_idx), **{key: row[key] for key in (*common.METRIC_KEYS, "RTE_s")},
+            "retain_images": len(splits.retain_idx),
+            **{key: row.get(key) for key in (*common.METRIC_KEYS, "RTE_s", *common.COMPILE_META_KEYS)},
             "checkpoint": str(path)}
 
 
@@ -64,10 +66,14 @@ def run_step(script, argv, method, step, forgotten, args, data_cache):
     return row
 
 
+def compile_flags(args):
+    return ["--compile"] if args.compile else []
+
+
 def run_method_steps(method, args, data_cache):
     """Apply the forget requests one after another with method; one row per step."""
     shared = ["--arch", args.arch, "--dataset", args.dataset, "--data", args.data, "--device", args.device,
-              "--seed", args.seed, "--preset", args.preset]
+              "--seed", args.seed, "--preset", args.preset, *compile_flags(args)]
     rows, weights = [], args.weights
     for step in range(1, len(args.steps) + 1):
         forgotten = sorted(args.steps[:step])
@@ -85,7 +91,8 @@ def run_retrain_steps(args, data_cache):
         forgotten = sorted(args.steps[:step])
         out = step_checkpoint(args, "retrain", step)
         argv = ["--arch", args.arch, "--dataset", args.dataset, "--data", args.data, "--device", args.device,
-                "--seed", args.seed, "--preset", args.preset, "--forget-class", *forgotten, "--out", out]
+                "--seed", args.seed, "--preset", args.preset, *compile_flags(args), "--forget-class", *forgotten,
+                "--out", out]
         rows.append(run_step("retrain.py", argv, "retrain", step, forgotten, args, data_cache))
     return rows
 
@@ -126,6 +133,7 @@ def main(argv=None):
     common.add_device_argument(parser)
     parser.add_argument("--preset", default="full", choices=common.PRESETS,
                         help="full: the paper's settings; smoke: a tiny CPU configuration (default: full)")
+    common.add_compile_argument(parser)
     common.add_tracking_arguments(parser)
     args = parser.parse_args(argv)
     common.check_tracking(args)
@@ -149,11 +157,12 @@ def main(argv=None):
     class_names = data_cache[(args.data, args.preset, args.dataset)].class_names
     table = [dict(row, forget_classes=", ".join(f"{c} ({class_names[c]})" for c in row["forget_classes"]))
              for row in rows]
-    common.write_text(out.with_suffix(".md"), common.markdown_table(table, COLUMNS) + "\n")
+    columns = common.with_compile_columns(COLUMNS, rows)
+    common.write_text(out.with_suffix(".md"), common.markdown_table(table, columns) + "\n")
     title = f"Continual unlearning, {args.arch} on {args.dataset} ({args.preset} preset): metrics on every class " \
             f"forgotten so far"
     plot(rows, args.steps, class_names, title, out.with_suffix(".png"))
-    print(common.markdown_table(table, COLUMNS))
+    print(common.markdown_table(table, columns))
     print(f"-> {out}.json, .md, .png")
     return rows
 

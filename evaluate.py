@@ -44,6 +44,7 @@ def main(argv=None):
     columns = dict(common.EVALUATE_COLUMNS)
     path_header = columns.pop("path")
     columns.update(representation.columns(options["probe"], options["cka"], options["relearn"]), path=path_header)
+    columns = common.with_compile_columns(columns, rows)
     print(common.markdown_table([representation.for_table(row) for row in rows], columns))
     if args.json:
         common.write_json(args.json, rows)

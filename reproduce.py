@@ -53,7 +53,9 @@ SMOKE_FALLBACK_SEEDS = (0,)
 STAT_KEYS = ("UA", "MIA_efficacy", "RA", "TA", "avg_gap", "RTE_s", "peak_gpu_mem_mb")
 TABLE_COLUMNS = {"method": "method", "n": "runs", "UA": "UA %", "MIA_efficacy": "MIA-efficacy %", "RA": "RA %",
                  "TA": "TA %", "avg_gap": "avg. gap ↓", "RTE_s": "RTE s", "peak_gpu_mem_mb": "peak GPU MB"}
-DIGITS = {"RTE_s": 1, "peak_gpu_mem_mb": 0, "relearn_steps": 0}
+DIGITS = {"RTE_s": 1, "peak_gpu_mem_mb": 0, "relearn_steps": 0, "compile_s": 1}
+# Under --compile: the steps' compile seconds (outside the RTE), in the tables when the records hold them.
+COMPILE_COLUMNS = {"compile_s": "compile s"}
 # Representation-level metrics (unlearning/representation.py), in the tables when the records hold them.
 REPRESENTATION_COLUMNS = {key: header for table in representation.COLUMNS.values() for key, header in table.items()}
 PANELS = {"UA": "UA: unlearning accuracy (%)", "MIA_efficacy": "MIA-efficacy (%)", "RA": "RA: retain accuracy (%)",
@@ -98,7 +100,7 @@ def summarize(runs):
         for key in STAT_KEYS:
             mean, std = mean_std(gaps if key == "avg_gap" else [run.get(key) for run in group])
             row[key] = {"mean": mean, "std": std}
-        for key in REPRESENTATION_COLUMNS:
+        for key in (*REPRESENTATION_COLUMNS, *COMPILE_COLUMNS):
             if any(key in run for run in group):
                 mean, std = mean_std([run.get(key) for run in group])
                 row[key] = {"mean": mean, "std": std}
@@ -299,7 +301,7 @@ def write_markdown(path, title, lines, rows):
         cells = {"method": row["method"], "n": row["n"]}
         for key in STAT_KEYS:
             cells[key] = comparison.format_stat(row[key], DIGITS.get(key, 2))
-        for key in REPRESENTATION_COLUMNS:
+        for key in (*REPRESENTATION_COLUMNS, *COMPILE_COLUMNS):
             if key in row:
                 cells[key] = comparison.format_stat(row[key], DIGITS.get(key, 2))
         if "relearn_capped" in row:
@@ -313,7 +315,9 @@ def write_markdown(path, title, lines, rows):
             cells["avg_gap"] += f" ({len(row['gap_seeds'])} of {row['n']} seeds)"
         table_rows.append(cells)
     measured = {key: header for key, header in REPRESENTATION_COLUMNS.items() if any(key in row for row in rows)}
-    columns = {**dict(list(TABLE_COLUMNS.items())[:-2]), **measured, **dict(list(TABLE_COLUMNS.items())[-2:])}
+    compiled = {key: header for key, header in COMPILE_COLUMNS.items() if any(key in row for row in rows)}
+    columns = {**dict(list(TABLE_COLUMNS.items())[:-2]), **measured, **dict(list(TABLE_COLUMNS.items())[-2:-1]),
+               **compiled, **dict(list(TABLE_COLUMNS.items())[-1:])}
     text = "\n\n".join([f"# {title}", *lines, common.markdown_table(table_rows, columns)])
     common.write_text(path, text + "\n")
 
@@ -565,6 +569,11 @@ def parse_args(argv):
     parser.add_argument("--step-processes", action="store_true",
                         help="run each step in a fresh Python process, as separate commands would (slower: imports, "
                              "data and device start-up paid per step)")
+    parser.add_argument("--compile", action="store_true",
+                        help="pass --compile to every step: the unlearning steps compile their training step in the "
+                             "untimed warm-up (compile s, apart from the RTE), pretraining and retraining compile as "
+                             "their --compile does; part of every run's fingerprint, so a compiled record never counts "
+                             "as an eager one")
     launch.add_launcher_arguments(parser)
     common.add_tracking_arguments(parser)
     args = parser.parse_args(argv)

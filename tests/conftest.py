@@ -1,5 +1,6 @@
 """Shared fixtures: tiny synthetic datasets in their standard layouts (CIFAR-10, CIFAR-100, SVHN, Tiny ImageNet),
-and in-process script runs."""
+and in-process script runs. Tests marked `inductor` compile with inductor (minutes on a CPU): they run only with
+`python -m pytest --inductor`."""
 import pickle
 import runpy
 import sys
@@ -10,6 +11,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+def pytest_addoption(parser):
+    parser.addoption("--inductor", action="store_true",
+                     help="also run the tests that compile with inductor (minutes on a CPU)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--inductor"):
+        return
+    skip = pytest.mark.skip(reason="compiles with inductor (minutes on a CPU): run with --inductor")
+    for item in items:
+        if "inductor" in item.keywords:
+            item.add_marker(skip)
+
 
 TRAIN_PER_CLASS = 20
 TEST_PER_CLASS = 10

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 from conftest import run_script
 
 import bench
@@ -42,22 +41,3 @@ def test_bench_stopped_early_keeps_its_finished_rows(workdir, cifar_dir, monkeyp
     assert [(row["task"], row["style"]) for row in results["rows"]] == [
         ("unlearn", "reference"), ("unlearn", "project"), ("pretrain", "project")]
     assert "Incomplete" in (workdir / "partial/results.md").read_text()
-
-
-def test_each_compiled_row_starts_a_fresh_dynamo_and_counts_its_recompiles():
-    def step(x):
-        return x.sin() * 2
-
-    def compile_and_run(shapes):
-        row = {}
-        with bench.counting_compiles(row):
-            compiled = torch.compile(step, backend="eager", dynamic=False)
-            for size in shapes:
-                compiled(torch.ones(size))
-        return row
-
-    with torch._dynamo.config.patch(recompile_limit=2):  # torch's own context restores the setting
-        rows = [compile_and_run([3, 4]) for _ in range(3)]  # without a reset, the third row would pass the limit
-        assert rows == [{"compiles": 2, "recompiles": 1}] * 3
-        with pytest.raises(common.UserError, match="recompile_limit"):
-            compile_and_run([3, 4, 5])  # a third shape is one compilation too many: an error, not eager

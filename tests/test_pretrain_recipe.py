@@ -7,7 +7,7 @@ from timm.data.mixup import mixup_target
 from timm.loss import SoftTargetCrossEntropy
 
 import common
-from unlearning import training
+from unlearning import compiling, training
 
 CLASSES = common.DATASETS["cifar10"].num_classes
 
@@ -169,7 +169,7 @@ def test_negative_alpha_is_refused_in_one_line(flag, workdir, capsys):
 
 def test_compile_trains_the_compiled_model_and_saves_plain_weights(cifar_dir, workdir, monkeypatch):
     # The eager backend captures graphs like inductor but generates no code, so the test takes seconds on a CPU.
-    monkeypatch.setattr(training, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(compiling, "COMPILE_BACKEND", "eager")
     compiled = []
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(kw) or real_compile(model, **kw))

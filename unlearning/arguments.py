@@ -170,9 +170,18 @@ def add_lora_arguments(parser):
                              f"{per_arch('train_full', lambda names: ' '.join(names) or 'none')})")
 
 
+def add_compile_argument(parser):
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the training step (inductor; on a GPU replayed as CUDA graphs), compiled "
+                             "in the untimed warm-up: compile seconds are recorded apart from the RTE (see "
+                             "docs/methods.md)")
+
+
 def add_method_arguments(parser, prune=True, lora=True):
-    """Flags of the unlearning scripts: source weights and, for the methods that use them, pruning and LoRA."""
+    """Flags of the unlearning scripts: source weights, --compile and, for the methods that use them, pruning and
+    LoRA."""
     add_weights_argument(parser)
+    add_compile_argument(parser)
     if prune:
         add_prune_arguments(parser)
     if lora:

@@ -81,11 +81,14 @@ class OpCounter(TorchDispatchMode):
     both channels-last, and the view ops among them (no kernel on a GPU); tracks the bytes of the storages
     created inside it that are still alive (`live`, `peak`), and `trace`, (op, live bytes) after each op.
 
-    `phase` labels where the ops fall (ops_by_phase)."""
+    `phase` labels where the ops fall (ops_by_phase); while `in_model` is true the ops are also counted as the
+    model's own (model_ops, model_view_ops: its forward and backward, what --compile compiles)."""
 
     def __init__(self):
         super().__init__()
         self.ops, self.view_ops, self.syncs, self.convolutions, self.channels_last_convolutions = 0, 0, 0, 0, 0
+        self.model_ops = self.model_view_ops = 0
+        self.in_model = False
         self.sync_ops, self.ops_by_phase = Counter(), Counter()
         self.phase = "data"
         self.live = self.peak = 0
@@ -99,6 +102,9 @@ class OpCounter(TorchDispatchMode):
             return out
         self.ops += 1
         self.view_ops += func.is_view
+        if self.in_model:
+            self.model_ops += 1
+            self.model_view_ops += func.is_view
         self.ops_by_phase[self.phase] += 1
         reason = sync_reason(func, args, kwargs, out)
         if reason is not None:
@@ -200,7 +206,8 @@ class Recorder:
         by_op = self.flops.get_flop_counts().get("Global", {})
         return {"flops": self.flops.get_total_flops(),
                 "convolution_flops": sum(n for op, n in by_op.items() if "convolution" in str(op)),
-                "ops": c.ops, "view_ops": c.view_ops, "syncs": c.syncs, "sync_ops": Counter(c.sync_ops),
+                "ops": c.ops, "view_ops": c.view_ops, "model_ops": c.model_ops, "model_view_ops": c.model_view_ops,
+                "syncs": c.syncs, "sync_ops": Counter(c.sync_ops),
                 "ops_by_phase": Counter(c.ops_by_phase), "convolutions": c.convolutions,
                 "channels_last_convolutions": c.channels_last_convolutions}
 
@@ -289,6 +296,20 @@ def count_training(model, step, peak_batch_size):
 
     def before_optimizer(*_):
         recorder.counter.phase = "optimizer"
+        recorder.counter.in_model = False
+
+    def model_begins(*_):
+        recorder.counter.in_model = True
+
+    def model_ends(module, inputs, output):  # the loss follows; the model's backward begins at its output's gradient
+        recorder.counter.in_model = False
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(model_begins)
+
+    def counted_before_step():  # the model's backward has ended
+        recorder.counter.in_model = False
+        if step.before_step is not None:
+            step.before_step()
 
     def after_optimizer(*_):
         recorder.mark(batch=batch_sizes[-1], forward_flops=forward_flops[-1], saved_bytes=saved[-1].bytes,
@@ -298,11 +319,12 @@ def count_training(model, step, peak_batch_size):
     if len(step.batches) < 3:
         raise ValueError("count_training needs at least three batches")
     hooks = [step.optimizer.register_step_pre_hook(before_optimizer),
-             step.optimizer.register_step_post_hook(after_optimizer)]
+             step.optimizer.register_step_post_hook(after_optimizer),
+             model.register_forward_pre_hook(model_begins), model.register_forward_hook(model_ends)]
     try:
         with recorder:
             train(model, step.batches, 1, loss_fn=counted_loss, optimizer=step.optimizer,
-                  before_step=step.before_step, freeze_batchnorm=step.freeze_batchnorm, desc="costs")
+                  before_step=counted_before_step, freeze_batchnorm=step.freeze_batchnorm, desc="costs")
     finally:
         for hook in hooks:
             hook.remove()
@@ -316,6 +338,7 @@ def count_training(model, step, peak_batch_size):
         "flops_per_image": fits["flops"][0], "flops_fixed": fits["flops"][1],
         "forward_flops_per_image": fits["forward_flops"][0],
         "ops_per_step": full["ops"], "view_ops_per_step": full["view_ops"], "ops_by_phase": full["ops_by_phase"],
+        "model_ops_per_step": full["model_ops"], "model_view_ops_per_step": full["model_view_ops"],
         "ops_depend_on_batch": full["ops"] != partial["ops"],
         "syncs_per_step": full["syncs"], "sync_ops": full["sync_ops"],
         "convolutions": full["convolutions"], "channels_last_convolutions": full["channels_last_convolutions"],

@@ -7,11 +7,12 @@ import time
 import torch
 from tqdm import tqdm
 
+from . import compiling
 from .data import normalize
 from .datasets import DEFAULT_DATASET
 from .metrics import accuracy, predict
 from .settings import EVAL_BATCH_SIZE
-from .training import autocast, cross_entropy, make_adam, make_sgd
+from .training import autocast, cross_entropy, make_adam, make_sgd, training_mode
 
 
 def default_eval_every(epochs):
@@ -81,7 +82,7 @@ class AccuracyCurve:
         self.eval_seconds += time.perf_counter() - paused
 
 
-def warm_up(model, inputs, labels, sizes=None, teacher=None, eval_sizes=()):
+def warm_up(model, inputs, labels, sizes=None, teacher=None, eval_sizes=(), freeze_batchnorm=False):
     """Untimed forward and backward passes (bf16 autocast on GPU), so that CUDA, cuBLAS and cuDNN start-up and the
     first use of every batch shape fall outside the RTE: for each batch size in sizes (default: len(inputs)) a
     forward and backward pass in train mode and in eval mode (frozen BatchNorm, SalUn's saliency) and a no-grad
@@ -89,6 +90,9 @@ def warm_up(model, inputs, labels, sizes=None, teacher=None, eval_sizes=()):
     no-grad forward in eval mode (a method's look at the model: pruning's trace, the adapters' check); then one
     step of each optimizer the methods use (Adam, SGD) on copies of the trainable parameters, which pays the
     optimizer's first step, and makes tqdm's lock, which the first progress bar would make.
+    Inside a compiling() block (--compile) it also compiles the training step for each size in sizes, in the modes
+    train() sets (BatchNorm in eval mode under freeze_batchnorm), and on a GPU records and replays its CUDA graphs:
+    the compile seconds go to the block's compile_s, none into the RTE.
     The model is left exactly as it was: its buffers (BatchNorm statistics) and the RNG states (dropout) are
     restored, the gradients cleared, and no optimizer steps its parameters."""
     tqdm.get_lock()  # made by the first progress bar, importing multiprocessing's locks: paid here, not in an epoch
@@ -109,6 +113,9 @@ def warm_up(model, inputs, labels, sizes=None, teacher=None, eval_sizes=()):
                 frozen_training = frozen.training
                 frozen.eval()(batch)
                 frozen.train(frozen_training)
+    compiled = compiling.active()
+    if compiled:
+        compile_step(compiled, model, inputs, labels, sizes, freeze_batchnorm)
     trainable = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
     if trainable:
         for make_optimizer in (make_adam, make_sgd):
@@ -128,18 +135,32 @@ def warm_up(model, inputs, labels, sizes=None, teacher=None, eval_sizes=()):
         module.train(training)
 
 
+def compile_step(compiled, model, inputs, labels, sizes, freeze_batchnorm):
+    """Compile model's training step (forward, loss, backward as train() runs them) for every batch size in sizes;
+    gradients accumulate on model's parameters (warm_up clears them)."""
+    stepped = compiled.model(model)
+    training_mode(model, freeze_batchnorm)
+    with compiled.warming_up():
+        for size in sorted(sizes, reverse=True):
+            for _ in range(compiled.warm_up_calls()):
+                compiled.step_begins()
+                with autocast(inputs.device):
+                    loss = cross_entropy(stepped, inputs[:size], labels[:size])
+                loss.backward()
+
+
 def batch_sizes(count, batch_size):
     """The batch sizes an epoch over count images in batches of batch_size meets: the full one and the last."""
     return {min(count, batch_size), count % batch_size} - {0}
 
 
-def warm_up_on(model, data, idx, batch_size, sizes=None, teacher=None, eval_sizes=()):
+def warm_up_on(model, data, idx, batch_size, sizes=None, teacher=None, eval_sizes=(), freeze_batchnorm=False):
     """warm_up on the first images of images[idx] (no shuffling, so no batch generator moves; repeated if idx holds
     fewer), for every batch size in sizes (default: those of an epoch over idx, batch_sizes)."""
     sizes = set(sizes or batch_sizes(len(idx), batch_size))
     first = idx[torch.arange(max(sizes | set(eval_sizes)), device=idx.device) % len(idx)]
     warm_up(model, normalize(data.train_images[first], data.dataset), data.train_labels[first], sizes, teacher,
-            eval_sizes)
+            eval_sizes, freeze_batchnorm)
 
 
 class Measure:

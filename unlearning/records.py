@@ -163,7 +163,11 @@ RECORD_OPTIONAL = {"dataset": one_of(DATASET_NAMES), "peak_gpu_mem_mb": or_none(
                    "CKA_forget": or_none(within(-1, 1.001, nan=True)),
                    "CKA_retain": or_none(within(-1, 1.001, nan=True)), "relearn_steps": or_none(whole_number),
                    "device": or_none(of_type(str, "a device name")), "created": or_none(of_type(str, "a date")),
-                   "model_sha256": sha256_check, "curve": of_type(list, "a list of points")}
+                   "model_sha256": sha256_check, "curve": of_type(list, "a list of points"),
+                   # a run trained with --compile: the warm-up's compile seconds, compilations, recompilations, and
+                   # compilations inside the timed block
+                   "compile_s": SECONDS, "compiles": whole_number, "recompiles": whole_number,
+                   "late_compiles": whole_number}
 
 
 def record_problem(record):

@@ -23,6 +23,7 @@ from .arguments import (
     with_overrides,
 )
 from .checkpoints import device_name, library_versions, load_checkpoint, name_settings, save_checkpoint, weights_path
+from .compiling import compiling
 from .data import Batches, Data, data_label, load_data, normalize
 from .datasets import DATASETS, DEFAULT_DATASET
 from .errors import Terminated, UserError, raise_terminated
@@ -123,9 +124,10 @@ class Context:
         return {TRACE_BATCH_SIZE, len(self.example_input())}
 
     def warm_up(self, model):
-        """An untimed warm-up of model on every batch size and mode the method meets (SCRUB's teacher included)."""
+        """An untimed warm-up of model on every batch size and mode the method meets (SCRUB's teacher included);
+        inside a compiling() block it also compiles the training step for those batch sizes."""
         warm_up_on(model, self.data, self.splits.retain_idx, self.batch_size, self.batch_sizes(), self.original,
-                   self.look_sizes())
+                   self.look_sizes(), freeze_batchnorm=getattr(self.args, "bn", None) == "frozen")
 
     def import_libraries(self):
         """Import the libraries the method's steps use (peft for LoRA, torch-pruning for physical pruning), so that
@@ -218,12 +220,15 @@ def unlearn_and_save(args, unlearn, fit=train_on_retain, settings=None):
     measure = Measure(device)
     with measure:
         model = unlearn(model, ctx)
-    ctx.warm_up(model)
-    with measure, tracker.watching(lambda: split_accuracies(model, data, splits, ctx.batch_size)):
-        model = fit(model, ctx)
+    with compiling(getattr(args, "compile", False), device) as compiled:  # --compile: compiled in the warm-up
+        ctx.warm_up(model)
+        with measure, tracker.watching(lambda: split_accuracies(model, data, splits, ctx.batch_size)):
+            model = fit(model, ctx)
+        compile_meta = compiled.meta() if compiled else {}
     measure.seconds -= tracker.eval_seconds  # the tracked accuracy curve is not training time
     model = finalize(model)
     meta = run_meta(args, spec, ctx.epochs, ctx.lr, ctx.batch_size, len(splits.retain_idx), measure)
+    meta.update(compile=bool(compiled), **compile_meta)
     meta.update(source_weights=str(source), data_mem_mb=data.resident_mb, prune_amount=ctx.prune_amount,
                 prune_mode=ctx.prune_mode if ctx.prune_amount else None,
                 lora=asdict(ctx.lora) if ctx.lora else None, settings=settings or {}, **model_cost(model))

@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from . import compiling
+from .compiling import compile_errors
 from .data import Batches
 from .errors import TrainingDiverged, UserError
 from .settings import BASELINE_SGD, DIVERGENCE_CHECK_STEPS, PAPER_RECIPE, PRETRAIN_OPTIONS, gpu_shaped
 from .tracking import active
-
-COMPILE_BACKEND = "inductor"  # torch.compile's backend under compile (inductor needs a C++ compiler on CPU)
 
 
 def autocast(device):
@@ -50,14 +50,13 @@ def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, 
     loss_fn(model, inputs, labels) -> scalar; before_step() runs between backward and the optimizer step;
     after_epoch(epoch) after each epoch (1-based). freeze_batchnorm keeps BatchNorm layers in eval mode: they
     normalise with, and keep, their running statistics. A NaN or infinite loss raises TrainingDiverged naming the
-    epoch and step."""
+    epoch and step. Inside a compiling() block (--compile) loss_fn gets the model's compiled wrapper (which shares
+    its parameters and buffers)."""
     device = next(model.parameters()).device
     optimizer = optimizer or make_adam((p for p in model.parameters() if p.requires_grad), lr)
-    model.train()
-    if freeze_batchnorm:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+    training_mode(model, freeze_batchnorm)
+    compiled = compiling.active()
+    stepped = compiled.model(model) if compiled else model
     # Reading the loss on the host every step would stall the GPU queue. Instead the first non-finite step and
     # its loss are kept on the device and read every DIVERGENCE_CHECK_STEPS steps and at each epoch's end.
     bad_step = torch.full((), -1, dtype=torch.int64, device=device)
@@ -67,8 +66,10 @@ def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, 
         tracker.begin_epoch()
         for step, (inputs, labels) in enumerate(tqdm(batches, desc=f"{desc} epoch {epoch}/{epochs}", leave=False,
                                                      disable=None), start=1):
+            if compiled:
+                compiled.step_begins()
             with autocast(device):
-                loss = loss_fn(model, inputs, labels)
+                loss = loss_fn(stepped, inputs, labels)
             first_bad = (bad_step < 0) & ~torch.isfinite(loss.detach())
             bad_step = torch.where(first_bad, step, bad_step)
             bad_loss = torch.where(first_bad, loss.detach().float(), bad_loss)
@@ -89,6 +90,15 @@ def train(model, batches, epochs, lr=PAPER_RECIPE["lr"], loss_fn=cross_entropy, 
         if after_epoch is not None:
             after_epoch(epoch)
     return model
+
+
+def training_mode(model, freeze_batchnorm=False):
+    """The modes train() runs model in: train mode, BatchNorm layers in eval mode under freeze_batchnorm."""
+    model.train()
+    if freeze_batchnorm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def _check_finite(bad_step, bad_loss, desc, epoch, epochs, steps):
@@ -177,13 +187,10 @@ def train_from_scratch(model, data, idx, recipe, seed, desc="pretrain", curve=No
     if options["compile"]:
         # Compiled lazily at the first steps, so compile time is part of the training time (the RTE). Static shapes:
         # the last, smaller batch of an epoch gets a graph of its own instead of making every step's graph dynamic.
-        trained = torch.compile(model, backend=COMPILE_BACKEND, dynamic=False)
-    try:
+        trained = torch.compile(model, backend=compiling.COMPILE_BACKEND, dynamic=False)
+    with compile_errors():
         train(trained, batches, recipe["epochs"], loss_fn=smoothed_cross_entropy, optimizer=optimizer,
               scheduler=scheduler, after_epoch=curve, desc=desc)
-    except torch._dynamo.exc.BackendCompilerFailed as error:
-        raise UserError(f"--compile failed ({COMPILE_BACKEND}): {str(error).strip().splitlines()[0]}; "
-                        f"run without --compile") from None
     return model
 
 

@@ -89,6 +89,8 @@ def make_run(arch, method, seed, args, spec):
     plan_flags = ["--arch", arch, "--preset", args.preset, "--seed", str(seed)]
     if dataset != DEFAULT_DATASET:  # CIFAR-10's flags stay as they were, so its records stay current
         plan_flags += ["--dataset", dataset]
+    if getattr(args, "compile", False):  # in the fingerprint: a compiled record never counts as an eager one
+        plan_flags += ["--compile"]
     io_flags = ["--data", str(args.data), "--device", args.device, "--out", str(checkpoint)]
     script = "pretrain.py" if method == "original" else f"{method}.py"
     recipe = None
