@@ -14,6 +14,7 @@ from conftest import SYNTHETIC_WRITERS, run_script
 from PIL import Image
 
 import common
+from unlearning import data as data_module
 from unlearning import locks, units
 
 OTHERS = ("cifar100", "svhn", "tinyimagenet")
@@ -183,3 +184,22 @@ def test_every_arch_runs_on_tiny_imagenet(arch, prune_mode, dataset_dir, workdir
     assert meta["dataset"] == "tinyimagenet" and meta["forget"]["classes"] == [150]
     assert meta["prune_mode"] == prune_mode and common.input_size(model) == 64
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 200)
+
+
+def test_resnet18_and_vgg16_bn_train_on_svhn_without_augmentation_and_cifar10_recipes_stay(monkeypatch):
+    """Unlearn-Sparse's SVHN loader does not augment; a recipe with augment off never crops or flips a batch."""
+    for arch in common.ARCHS:
+        assert common.pretrain_recipe(arch, "cifar10") == common.PRETRAIN_RECIPES[arch]
+        assert common.pretrain_recipe(arch, "svhn").get("augment", True) is (arch not in ("resnet18", "vgg16_bn"))
+    augmented = []
+    real_augment = data_module.augment
+    monkeypatch.setattr(data_module, "augment", lambda *args, **kwargs: augmented.append(len(args[0])) or
+                        real_augment(*args, **kwargs))
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = common.Data(images, torch.arange(20) % 10, images[:10], torch.arange(10), dataset="svhn")
+    recipe = dict(common.pretrain_recipe("resnet18", "svhn"), epochs=1, batch_size=8)
+    for augment, expected in ((False, []), (True, [8, 8, 4])):
+        augmented.clear()
+        common.train_from_scratch(common.build_model("resnet18", "smoke"), data, torch.arange(20),
+                                  dict(recipe, augment=augment), seed=0)
+        assert augmented == expected
