@@ -1,8 +1,7 @@
 """The dataset table: each dataset read from tiny synthetic files in its standard layout (conftest's writers), its
-labels, class names and data label, and the scripts run end to end on it under --preset smoke."""
+labels, class names and data label. The scripts run end to end on every dataset in tests/test_grid.py."""
 import dataclasses
 import hashlib
-import json
 import pickle
 from types import SimpleNamespace
 
@@ -133,57 +132,6 @@ def test_the_sweep_names_other_datasets_and_leaves_cifar10_runs_as_they_were():
     lock_name = "resnet50-smoke_svhn_s0-methods.lock"
     assert locks.unit_lock(unit, "smoke", common.ForgetSpec(), "svhn").path.name == lock_name
     assert locks.unit_lock(unit, "smoke", common.ForgetSpec()).path.name == lock_name.replace("_svhn", "")
-
-
-# The four paper methods share their training code; what depends on the dataset (class count, input size for
-# pruning's traces, normalisation) is run by loraprune on every dataset and by all four on Tiny ImageNet, the one
-# of another image size. CIFAR-10 runs them all in test_scripts.py.
-METHODS_RUN = {"cifar100": ("loraprune",), "svhn": ("loraprune",),
-               "tinyimagenet": ("finetune", "pruneft", "lora", "loraprune")}
-
-
-@pytest.mark.parametrize("name", OTHERS)
-def test_pretrain_the_paper_methods_retrain_and_evaluate_run_on_each_dataset(name, dataset_dir, workdir):
-    info, root = common.DATASETS[name], dataset_dir(name)
-    last = info.num_classes - 1
-    flags = ["--arch", "resnet50", "--dataset", name, "--preset", "smoke", "--data", root, "--device", "cpu",
-             "--epochs", "1"]
-    original = common.weights_path("resnet50", "original", "smoke", dataset=name)
-    assert run_script("pretrain.py", *flags, "--out", original) == 0
-    model, meta = common.load_checkpoint(original, "cpu", dataset=name)
-    assert meta["dataset"] == name and model.fc.out_features == info.num_classes
-    spec = common.ForgetSpec((last,))
-    for method in (*METHODS_RUN[name], "retrain"):
-        assert run_script(f"{method}.py", *flags, "--forget-class", last) == 0
-    made = sorted(workdir.glob("model_weights/*.pth"))
-    assert sorted(path.name for path in made) == sorted([
-        original.name, *(common.weights_path("resnet50", method, "smoke", spec, dataset=name).name
-                         for method in METHODS_RUN[name]),
-        common.weights_path("resnet50", "retrain", "smoke", spec, settings={"epochs": "1"}, dataset=name).name])
-    assert all(path.name.startswith(f"resnet50-smoke_{name}_") for path in made)
-    assert run_script("evaluate.py", *made, "--data", root, "--device", "cpu", "--forget-class", last,
-                      "--json", "eval.json") == 0
-    rows = json.loads((workdir / "eval.json").read_text())
-    assert len(rows) == len(made)
-    names = common.load_data(root, "cpu", "smoke", name).class_names
-    for row in rows:
-        assert row["dataset"] == name and row["forget_names"] == [names[last]]
-        assert all(0 <= row[key] <= 100 for key in ("UA", "RA", "TA", "MIA_efficacy"))
-
-
-@pytest.mark.parametrize(("arch", "prune_mode"), [("vit", "mask"), ("resnet18", "physical"), ("vgg16_bn", "physical")])
-def test_every_arch_runs_on_tiny_imagenet(arch, prune_mode, dataset_dir, workdir):
-    """64x64 inputs and 200 classes through pretraining, pruning's traces (physical for the CNNs) and LoRA."""
-    flags = ["--arch", arch, "--dataset", "tinyimagenet", "--preset", "smoke", "--data", dataset_dir("tinyimagenet"),
-             "--device", "cpu", "--epochs", "1"]
-    original = common.weights_path(arch, "original", "smoke", dataset="tinyimagenet")
-    assert run_script("pretrain.py", *flags, "--out", original) == 0
-    assert run_script("loraprune.py", *flags, "--forget-class", "150", "--prune-mode", prune_mode,
-                      "--out", f"{arch}.pth") == 0
-    model, meta = common.load_checkpoint(f"{arch}.pth", "cpu")
-    assert meta["dataset"] == "tinyimagenet" and meta["forget"]["classes"] == [150]
-    assert meta["prune_mode"] == prune_mode and common.input_size(model) == 64
-    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 200)
 
 
 def test_resnet18_and_vgg16_bn_train_on_svhn_without_augmentation_and_cifar10_recipes_stay(monkeypatch):
