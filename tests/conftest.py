@@ -1,5 +1,6 @@
 """Shared fixtures: tiny synthetic datasets in their standard layouts (CIFAR-10, CIFAR-100, SVHN, Tiny ImageNet),
 and in-process script runs."""
+import contextlib
 import pickle
 import runpy
 import sys
@@ -171,7 +172,24 @@ def original_weights(tmp_path_factory, cifar_dir):
 # batch of the smoke preset; one of each class for the datasets of 100 and 200 classes.
 GRID_IMAGES_PER_CLASS = {"cifar10": (6, 2), "cifar100": (1, 1), "svhn": (6, 2), "tinyimagenet": (1, 1)}
 # The grid checks that every pair runs and what its scripts write, not what the models learn: one epoch from scratch.
+# Tiny ImageNet's smoke batches are 16 images: at 64 images of 64x64 the slim ResNets' full-width stem makes
+# activations larger than the C allocator keeps for reuse (32 MB), so that every step maps fresh pages, and a third of
+# the pair's time went to the kernel.
 GRID_PRETRAIN_EPOCHS = 1
+GRID_SMOKE_BATCH_SIZE = {"tinyimagenet": 16}
+
+
+@contextlib.contextmanager
+def grid_run_in(folder, dataset):
+    """Inside the block scripts run in folder with the grid's smoke preset for dataset (GRID_PRETRAIN_EPOCHS and
+    GRID_SMOKE_BATCH_SIZE); the working folder and the preset are as they were after."""
+    import common  # the scripts' module, importable once ROOT is on the path
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setitem(common.SMOKE, "pretrain_epochs", GRID_PRETRAIN_EPOCHS)
+        patch.setitem(common.SMOKE, "batch_size", GRID_SMOKE_BATCH_SIZE.get(dataset, common.SMOKE["batch_size"]))
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -194,8 +212,8 @@ def smoke_flags(arch, dataset, root):
 
 @pytest.fixture(scope="session")
 def smoke_original(tmp_path_factory, grid_dataset_dir):
-    """smoke_original(arch, dataset) -> path of the pair's smoke-preset original model on the grid's data (one epoch,
-    GRID_PRETRAIN_EPOCHS), trained once per session by pretrain.py in a folder of its own, at its default path there
+    """smoke_original(arch, dataset) -> path of the pair's smoke-preset original model on the grid's data and preset
+    (grid_run_in), trained once per session by pretrain.py in a folder of its own, at its default path there
     (model_weights/...)."""
     import common  # the scripts' module, importable once ROOT is on the path
 
@@ -204,9 +222,7 @@ def smoke_original(tmp_path_factory, grid_dataset_dir):
     def get(arch, dataset):
         if (arch, dataset) not in made:
             folder = tmp_path_factory.mktemp(f"{arch}-{dataset}")
-            with pytest.MonkeyPatch.context() as patch:
-                patch.chdir(folder)
-                patch.setitem(common.SMOKE, "pretrain_epochs", GRID_PRETRAIN_EPOCHS)
+            with grid_run_in(folder, dataset):
                 assert run_script("pretrain.py", *smoke_flags(arch, dataset, grid_dataset_dir(dataset))) == 0
             made[arch, dataset] = folder / common.weights_path(arch, "original", "smoke", dataset=dataset)
             assert made[arch, dataset].is_file()

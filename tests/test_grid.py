@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GRID_PRETRAIN_EPOCHS, run_script, smoke_flags
+from conftest import grid_run_in, run_script, smoke_flags
 
 import common
 
@@ -57,9 +57,7 @@ def pair_run(request, smoke_original, grid_dataset_dir):
     forget = [] if dataset == "cifar10" else ["--forget-class", forget_class]
     prune_mode = PRUNE_MODE.get(dataset, "mask")
     flags = [*smoke_flags(arch, dataset, grid_dataset_dir(dataset)), *forget]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        patch.setitem(common.SMOKE, "pretrain_epochs", GRID_PRETRAIN_EPOCHS)  # retrain's, as the original's
+    with grid_run_in(folder, dataset):
         for method in METHODS:
             extra = ["--prune-mode", prune_mode] if method == "loraprune" and prune_mode != "mask" else []
             assert run_script(f"{method}.py", *flags, *extra) == 0, method
