@@ -1,6 +1,7 @@
 """Shared fixtures: tiny synthetic datasets in their standard layouts (CIFAR-10, CIFAR-100, SVHN, Tiny ImageNet),
 and in-process script runs. Tests marked `inductor` compile with inductor (minutes on a CPU): they run only with
 `python -m pytest --inductor`."""
+import contextlib
 import pickle
 import runpy
 import sys
@@ -11,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
 
 def pytest_addoption(parser):
     parser.addoption("--inductor", action="store_true",
@@ -150,10 +152,21 @@ def run_script(name, *args):
     return 0
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """The suite's models are tiny: a second thread only waits on the first, and spins where the CPU is shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
-def cifar_dir(tmp_path_factory):
+def cifar_dir(dataset_dir):
     """A folder holding a synthetic cifar-10-batches-py (200 training, 100 test images)."""
-    return write_synthetic_cifar(tmp_path_factory.mktemp("cifar"))
+    return dataset_dir("cifar10")
 
 
 @pytest.fixture(scope="session")
@@ -168,6 +181,68 @@ def original_weights(tmp_path_factory, cifar_dir):
                               "--device", "cpu", "--out", out) == 0
             made[arch] = out
         return made[arch]
+    return get
+
+
+# Images per class (training, test) of the grid's data: a few, so that an epoch of each dataset of 10 classes is one
+# batch of the smoke preset; one of each class for the datasets of 100 and 200 classes.
+GRID_IMAGES_PER_CLASS = {"cifar10": (6, 2), "cifar100": (1, 1), "svhn": (6, 2), "tinyimagenet": (1, 1)}
+# The grid checks that every pair runs and what its scripts write, not what the models learn: one epoch from scratch.
+# Tiny ImageNet's smoke batches are 16 images: at 64 images of 64x64 the slim ResNets' full-width stem makes
+# activations larger than the C allocator keeps for reuse (32 MB), so that every step maps fresh pages, and a third of
+# the pair's time went to the kernel.
+GRID_PRETRAIN_EPOCHS = 1
+GRID_SMOKE_BATCH_SIZE = {"tinyimagenet": 16}
+
+
+@contextlib.contextmanager
+def grid_run_in(folder, dataset):
+    """Inside the block scripts run in folder with the grid's smoke preset for dataset (GRID_PRETRAIN_EPOCHS and
+    GRID_SMOKE_BATCH_SIZE); the working folder and the preset are as they were after."""
+    import common  # the scripts' module, importable once ROOT is on the path
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setitem(common.SMOKE, "pretrain_epochs", GRID_PRETRAIN_EPOCHS)
+        patch.setitem(common.SMOKE, "batch_size", GRID_SMOKE_BATCH_SIZE.get(dataset, common.SMOKE["batch_size"]))
+        yield
+
+
+@pytest.fixture(scope="session")
+def grid_dataset_dir(tmp_path_factory):
+    """grid_dataset_dir(name) -> a folder holding that dataset's synthetic files with GRID_IMAGES_PER_CLASS."""
+    made = {}
+
+    def get(name):
+        if name not in made:
+            train, test = GRID_IMAGES_PER_CLASS[name]
+            made[name] = SYNTHETIC_WRITERS[name](tmp_path_factory.mktemp(f"grid-{name}"), train, test)
+        return made[name]
+    return get
+
+
+def smoke_flags(arch, dataset, root):
+    """The command-line flags of a smoke run of arch on dataset's files under root, on the CPU."""
+    return ["--arch", arch, "--dataset", dataset, "--preset", "smoke", "--data", root, "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def smoke_original(tmp_path_factory, grid_dataset_dir):
+    """smoke_original(arch, dataset) -> path of the pair's smoke-preset original model on the grid's data and preset
+    (grid_run_in), trained once per session by pretrain.py in a folder of its own, at its default path there
+    (model_weights/...)."""
+    import common  # the scripts' module, importable once ROOT is on the path
+
+    made = {}
+
+    def get(arch, dataset):
+        if (arch, dataset) not in made:
+            folder = tmp_path_factory.mktemp(f"{arch}-{dataset}")
+            with grid_run_in(folder, dataset):
+                assert run_script("pretrain.py", *smoke_flags(arch, dataset, grid_dataset_dir(dataset))) == 0
+            made[arch, dataset] = folder / common.weights_path(arch, "original", "smoke", dataset=dataset)
+            assert made[arch, dataset].is_file()
+        return made[arch, dataset]
     return get
 
 

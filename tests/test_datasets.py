@@ -1,8 +1,7 @@
 """The dataset table: each dataset read from tiny synthetic files in its standard layout (conftest's writers), its
-labels, class names and data label, and the scripts run end to end on it under --preset smoke."""
+labels, class names and data label. The scripts run end to end on every dataset in tests/test_grid.py."""
 import dataclasses
 import hashlib
-import json
 import pickle
 from types import SimpleNamespace
 
@@ -14,6 +13,7 @@ from conftest import SYNTHETIC_WRITERS, run_script
 from PIL import Image
 
 import common
+from unlearning import data as data_module
 from unlearning import locks, units
 
 OTHERS = ("cifar100", "svhn", "tinyimagenet")
@@ -134,52 +134,20 @@ def test_the_sweep_names_other_datasets_and_leaves_cifar10_runs_as_they_were():
     assert locks.unit_lock(unit, "smoke", common.ForgetSpec()).path.name == lock_name.replace("_svhn", "")
 
 
-# The four paper methods share their training code; what depends on the dataset (class count, input size for
-# pruning's traces, normalisation) is run by loraprune on every dataset and by all four on Tiny ImageNet, the one
-# of another image size. CIFAR-10 runs them all in test_scripts.py.
-METHODS_RUN = {"cifar100": ("loraprune",), "svhn": ("loraprune",),
-               "tinyimagenet": ("finetune", "pruneft", "lora", "loraprune")}
-
-
-@pytest.mark.parametrize("name", OTHERS)
-def test_pretrain_the_paper_methods_retrain_and_evaluate_run_on_each_dataset(name, dataset_dir, workdir):
-    info, root = common.DATASETS[name], dataset_dir(name)
-    last = info.num_classes - 1
-    flags = ["--arch", "resnet50", "--dataset", name, "--preset", "smoke", "--data", root, "--device", "cpu",
-             "--epochs", "1"]
-    original = common.weights_path("resnet50", "original", "smoke", dataset=name)
-    assert run_script("pretrain.py", *flags, "--out", original) == 0
-    model, meta = common.load_checkpoint(original, "cpu", dataset=name)
-    assert meta["dataset"] == name and model.fc.out_features == info.num_classes
-    spec = common.ForgetSpec((last,))
-    for method in (*METHODS_RUN[name], "retrain"):
-        assert run_script(f"{method}.py", *flags, "--forget-class", last) == 0
-    made = sorted(workdir.glob("model_weights/*.pth"))
-    assert sorted(path.name for path in made) == sorted([
-        original.name, *(common.weights_path("resnet50", method, "smoke", spec, dataset=name).name
-                         for method in METHODS_RUN[name]),
-        common.weights_path("resnet50", "retrain", "smoke", spec, settings={"epochs": "1"}, dataset=name).name])
-    assert all(path.name.startswith(f"resnet50-smoke_{name}_") for path in made)
-    assert run_script("evaluate.py", *made, "--data", root, "--device", "cpu", "--forget-class", last,
-                      "--json", "eval.json") == 0
-    rows = json.loads((workdir / "eval.json").read_text())
-    assert len(rows) == len(made)
-    names = common.load_data(root, "cpu", "smoke", name).class_names
-    for row in rows:
-        assert row["dataset"] == name and row["forget_names"] == [names[last]]
-        assert all(0 <= row[key] <= 100 for key in ("UA", "RA", "TA", "MIA_efficacy"))
-
-
-@pytest.mark.parametrize(("arch", "prune_mode"), [("vit", "mask"), ("resnet18", "physical"), ("vgg16_bn", "physical")])
-def test_every_arch_runs_on_tiny_imagenet(arch, prune_mode, dataset_dir, workdir):
-    """64x64 inputs and 200 classes through pretraining, pruning's traces (physical for the CNNs) and LoRA."""
-    flags = ["--arch", arch, "--dataset", "tinyimagenet", "--preset", "smoke", "--data", dataset_dir("tinyimagenet"),
-             "--device", "cpu", "--epochs", "1"]
-    original = common.weights_path(arch, "original", "smoke", dataset="tinyimagenet")
-    assert run_script("pretrain.py", *flags, "--out", original) == 0
-    assert run_script("loraprune.py", *flags, "--forget-class", "150", "--prune-mode", prune_mode,
-                      "--out", f"{arch}.pth") == 0
-    model, meta = common.load_checkpoint(f"{arch}.pth", "cpu")
-    assert meta["dataset"] == "tinyimagenet" and meta["forget"]["classes"] == [150]
-    assert meta["prune_mode"] == prune_mode and common.input_size(model) == 64
-    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 200)
+def test_resnet18_and_vgg16_bn_train_on_svhn_without_augmentation_and_cifar10_recipes_stay(monkeypatch):
+    """Unlearn-Sparse's SVHN loader does not augment; a recipe with augment off never crops or flips a batch."""
+    for arch in common.ARCHS:
+        assert common.pretrain_recipe(arch, "cifar10") == common.PRETRAIN_RECIPES[arch]
+        assert common.pretrain_recipe(arch, "svhn").get("augment", True) is (arch not in ("resnet18", "vgg16_bn"))
+    augmented = []
+    real_augment = data_module.augment
+    monkeypatch.setattr(data_module, "augment", lambda *args, **kwargs: augmented.append(len(args[0])) or
+                        real_augment(*args, **kwargs))
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = common.Data(images, torch.arange(20) % 10, images[:10], torch.arange(10), dataset="svhn")
+    recipe = dict(common.pretrain_recipe("resnet18", "svhn"), epochs=1, batch_size=8)
+    for augment, expected in ((False, []), (True, [8, 8, 4])):
+        augmented.clear()
+        common.train_from_scratch(common.build_model("resnet18", "smoke"), data, torch.arange(20),
+                                  dict(recipe, augment=augment), seed=0)
+        assert augmented == expected

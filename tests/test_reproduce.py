@@ -327,9 +327,10 @@ def test_overlapped_evaluation_gives_the_same_records_and_every_record_says_wher
     assert last["time"]["background_evaluation_s"] > 0
 
 
-def test_steps_in_processes_of_their_own_give_the_records_of_in_process_steps(cifar_dir, workdir):
+def test_steps_in_processes_of_their_own_give_the_records_of_in_process_steps(cifar_dir, workdir, monkeypatch):
     """--step-processes runs each step as a fresh `python retrain.py ...` (a real process): the same weights and
     metrics as the step run in this process, which shares it with earlier steps (CPU training is deterministic)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # the child's threads, as this process's
     results = {}
     for mode in ([], ["--step-processes"]):
         folder = workdir / ("processes" if mode else "in-process")

@@ -160,12 +160,13 @@ class Architecture:
     unwrapped_parameters: Callable | None = None  # model -> [(parameter, pruned dim)] torch-pruning must also cut
 
 
-# The from-scratch recipe of Unlearn-Sparse's main_train.py with its arg_parser.py defaults: SGD (momentum 0.9, no
-# Nesterov), lr 0.1, weight decay 5e-4, batch 256, 182 epochs, lr x0.1 after epochs 91 and 136, crop + flip.
+# The from-scratch recipe of OPTML-Group's Unlearn-Sparse (main_imp.py:74-99 with arg_parser.py:67-76's defaults) and
+# SalUn (Classification/main_train.py:59-84, Classification/arg_parser.py:69-78): SGD (momentum 0.9, no Nesterov),
+# lr 0.1, weight decay 5e-4, batch 256, 182 epochs, lr x0.1 after epochs 91 and 136, crop + flip.
 UNLEARN_SPARSE_RECIPE = {"epochs": 182, "lr": 0.1, "batch_size": 256, "optimizer": "sgd", "weight_decay": 5e-4,
                          "label_smoothing": 0.0, "nesterov": False, "lr_milestones": [0.5, 0.75]}
-UNLEARN_SPARSE_SOURCE = ("OPTML-Group Unlearn-Sparse, main_train.py with arg_parser.py's defaults (SalUn's "
-                         "Classification/arg_parser.py has the same); not yet sized on a GPU")
+UNLEARN_SPARSE_SOURCE = ("OPTML-Group Unlearn-Sparse, main_imp.py with arg_parser.py's defaults (SalUn's "
+                         "Classification/main_train.py and arg_parser.py have the same); not yet sized on a GPU")
 CNN_LORA = {"rank": 8, "alpha": 16, "dropout": 0.1}
 
 ARCHITECTURES = {
@@ -209,13 +210,18 @@ ARCHS = tuple(ARCHITECTURES)
 PAPER_ARCHS = ("resnet50", "vit")  # the PruneLoRA paper's two models: the sweep's and the timing bench's default
 PRETRAIN_RECIPES = {name: arch.recipe for name, arch in ARCHITECTURES.items()}
 LORA_DEFAULTS = {name: arch.lora for name, arch in ARCHITECTURES.items()}
-# Changes to an arch's recipe for one (arch, dataset); a pair not listed trains with the arch's recipe, which
-# CIFAR-100 and Tiny ImageNet share with CIFAR-10 (Unlearn-Sparse's and SalUn's main_train.py also train every
-# dataset with one set of flags, so ResNet-18 and VGG-16-BN keep theirs on SVHN too). SVHN on ResNet-50 and ViT: half
-# the epochs, as its 73,257 training images are 1.5 times CIFAR's and digits are learnt faster (this project's
-# choice); its batches are not flipped (datasets.py, as Unlearn-Sparse's dataset.py). None of these is sized on a GPU
-# yet: the epochs are first guesses, to be checked against the accuracy curve pretrain.py records.
+# Changes to an arch's recipe for one (arch, dataset); a pair not listed trains with the arch's recipe. None is sized
+# on a GPU yet. ResNet-18 and VGG-16-BN follow Unlearn-Sparse and SalUn, which train every dataset with one set of
+# flags (their arg_parser.py has no per-dataset value; utils.py's setup_model_dataset sets only the classes, the
+# normalisation and the loaders) and augment as their dataset.py does: CIFAR-100 and Tiny ImageNet with crop (padding
+# 4) + flip, as CIFAR-10 (Unlearn-Sparse dataset.py:202-203 and 387-388), SVHN not at all (dataset.py:85-89, the
+# training transform of svhn_dataloaders is ToTensor alone; SalUn's Classification/dataset.py:85-89 the same).
+# ResNet-50 and ViT keep this project's recipes on every dataset; on SVHN half the epochs, as its 73,257 training
+# images are 1.5 times CIFAR's and digits are learnt faster, and crops without flips (datasets.py): this project's
+# choice, first guesses to be checked against the accuracy curve pretrain.py records.
 PRETRAIN_DATASET_CHANGES = {
+    ("resnet18", "svhn"): {"augment": False},
+    ("vgg16_bn", "svhn"): {"augment": False},
     ("resnet50", "svhn"): {"epochs": 30},
     ("vit", "svhn"): {"epochs": 100},
 }

@@ -21,9 +21,10 @@ BASELINE_SGD = {"momentum": 0.9, "weight_decay": 5e-4}
 # mixup_alpha / cutmix_alpha: Beta(alpha, alpha) of mixup / cutmix (0: off); mix_prob: share of batches mixed;
 # switch_prob: share of mixed batches that use cutmix when both are on (see mix_batch); compile: torch.compile;
 # nesterov: Nesterov momentum of the "sgd" optimizer; lr_milestones: instead of the one-cycle schedule, the lr times
-# 0.1 after each of these shares of the epochs (a multi-step schedule; None: one-cycle).
+# 0.1 after each of these shares of the epochs (a multi-step schedule; None: one-cycle); augment: random crop of the
+# training batches, and flips where the dataset allows them (False: the batches as they are).
 PRETRAIN_OPTIONS = {"mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0, "switch_prob": 0.5, "compile": False,
-                    "nesterov": True, "lr_milestones": None}
+                    "nesterov": True, "lr_milestones": None, "augment": True}
 # A tiny configuration that runs every script end to end on a CPU in seconds.
 SMOKE = {"train_per_class": 30, "test_per_class": 10, "epochs": 1, "pretrain_epochs": 3, "batch_size": 64}
 PRUNE_AMOUNT = 0.5

@@ -165,8 +165,8 @@ def train_from_scratch(model, data, idx, recipe, seed, desc="pretrain", curve=No
 
     curve: an AccuracyCurve, called after each epoch."""
     options = {**PRETRAIN_OPTIONS, **recipe}
-    batches = Batches(data.train_images, data.train_labels, idx, recipe["batch_size"], seed=seed, augment=True,
-                      dataset=data.dataset)
+    batches = Batches(data.train_images, data.train_labels, idx, recipe["batch_size"], seed=seed,
+                      augment=options["augment"], dataset=data.dataset)
     params = [p for p in model.parameters() if p.requires_grad]
     if recipe["optimizer"] == "sgd":
         optimizer = torch.optim.SGD(params, lr=recipe["lr"], momentum=0.9, nesterov=options["nesterov"],
