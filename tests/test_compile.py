@@ -137,11 +137,11 @@ def test_inductor_trains_as_eager_within_the_tolerance(method, original_weights,
         assert abs(metrics[0][key] - metrics[1][key]) <= METRIC_TOLERANCE, key
 
 
-def test_compile_without_a_compiler_is_one_line(original_weights, cifar_dir, workdir, capsys, monkeypatch):
+def test_compile_without_a_compiler_is_one_line(original_weights, cifar_dir, workdir, capsys):
     inductor_config = pytest.importorskip("torch._inductor.config")
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-compiler++",))
-    assert run_script("finetune.py", "--arch", "vit", *SMOKE, "--compile", "--data", cifar_dir, "--weights",
-                      original_weights("vit"), "--out", "x.pth") == 1
+    with inductor_config.patch({"cpp.cxx": ("no-such-compiler++",)}):
+        assert run_script("finetune.py", "--arch", "vit", *SMOKE, "--compile", "--data", cifar_dir, "--weights",
+                          original_weights("vit"), "--out", "x.pth") == 1
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and error.startswith("error: --compile failed") and "run without --compile" in error
     assert not (workdir / "x.pth").exists()

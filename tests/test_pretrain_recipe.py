@@ -186,10 +186,10 @@ def test_compile_trains_the_compiled_model_and_saves_plain_weights(cifar_dir, wo
     assert all(torch.allclose(plain["model"][k], checkpoint["model"][k], atol=1e-5) for k in plain["model"])
 
 
-def test_compile_without_a_compiler_is_one_line(cifar_dir, workdir, capsys, monkeypatch):
+def test_compile_without_a_compiler_is_one_line(cifar_dir, workdir, capsys):
     inductor_config = pytest.importorskip("torch._inductor.config")
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-compiler++",))
-    assert run_script("pretrain.py", *SMOKE, "--data", cifar_dir, "--compile", "--out", "x.pth") == 1
+    with inductor_config.patch({"cpp.cxx": ("no-such-compiler++",)}):
+        assert run_script("pretrain.py", *SMOKE, "--data", cifar_dir, "--compile", "--out", "x.pth") == 1
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and error.startswith("error: --compile failed") and "run without --compile" in error
     assert not (workdir / "x.pth").exists()
