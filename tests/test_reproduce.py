@@ -28,8 +28,6 @@ def in_process(monkeypatch):
     """Watch reproduce.py's in-process steps (and run them with one epoch of pretraining: these tests check the sweep,
     not the models). in_process.on_start, if set, is called with each script's name before it runs."""
     monkeypatch.setitem(common.SMOKE, "pretrain_epochs", 1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: extra threads only spin, and cost much when the CPU is shared
     hooks = SimpleNamespace(on_start=None, started=[])
     real_run_in_process = runners.run_in_process
 
@@ -40,8 +38,7 @@ def in_process(monkeypatch):
         return real_run_in_process(script, flags)
 
     monkeypatch.setattr(sweep, "run_in_process", run_in_process)
-    yield hooks
-    torch.set_num_threads(threads)
+    return hooks
 
 
 def table_rows(markdown):

@@ -95,15 +95,6 @@ def wandb_records(run_folder):
 
 
 @pytest.fixture
-def one_thread():
-    """Tiny models: extra threads only spin, and cost much when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def wandb_offline(tmp_path, monkeypatch):
     """W&B with no login and no network: its own files in tmp_path; its service stopped afterwards."""
     import wandb
@@ -118,7 +109,7 @@ def wandb_offline(tmp_path, monkeypatch):
 
 
 def test_a_script_logs_to_wandb_offline_and_tensorboard_at_once(original_weights, cifar_dir, workdir,
-                                                                wandb_offline, one_thread, capsys):
+                                                                wandb_offline, capsys):
     """--track wandb --track tensorboard without a W&B login: an offline run (said once), in the project and with
     the settings given; its summary holds the metrics evaluate.py gives the checkpoint; the checkpoint keeps its
     default name."""
