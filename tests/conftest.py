@@ -129,13 +129,15 @@ SYNTHETIC_WRITERS = {"cifar10": write_synthetic_cifar, "cifar100": write_synthet
 
 @pytest.fixture(scope="session")
 def dataset_dir(tmp_path_factory):
-    """dataset_dir(name) -> a folder holding that dataset's synthetic files in its standard layout, written once."""
+    """dataset_dir(name[, per_class]) -> a folder holding that dataset's synthetic files in its standard layout, with
+    the writer's default images per class or per_class = (train, test), written once per (name, per_class)."""
     made = {}
 
-    def get(name):
-        if name not in made:
-            made[name] = SYNTHETIC_WRITERS[name](tmp_path_factory.mktemp(name))
-        return made[name]
+    def get(name, per_class=()):
+        if (name, per_class) not in made:
+            folder = tmp_path_factory.mktemp("-".join(map(str, (name, *per_class))))
+            made[name, per_class] = SYNTHETIC_WRITERS[name](folder, *per_class)
+        return made[name, per_class]
     return get
 
 
@@ -209,16 +211,9 @@ def grid_run_in(folder, dataset):
 
 
 @pytest.fixture(scope="session")
-def grid_dataset_dir(tmp_path_factory):
+def grid_dataset_dir(dataset_dir):
     """grid_dataset_dir(name) -> a folder holding that dataset's synthetic files with GRID_IMAGES_PER_CLASS."""
-    made = {}
-
-    def get(name):
-        if name not in made:
-            train, test = GRID_IMAGES_PER_CLASS[name]
-            made[name] = SYNTHETIC_WRITERS[name](tmp_path_factory.mktemp(f"grid-{name}"), train, test)
-        return made[name]
-    return get
+    return lambda name: dataset_dir(name, GRID_IMAGES_PER_CLASS[name])
 
 
 def smoke_flags(arch, dataset, root):
